@@ -1,0 +1,40 @@
+# The newcomer's commands: `make demo` (a registration and a call through real IPsec) and
+# `make test` (every test). Both install what they need first (`make install`).
+SYSPY  := /usr/bin/python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+STAMP  := .stamp
+
+.PHONY: install test unit kernel bench demo run fuzz clean
+
+install: $(STAMP)/apt $(STAMP)/venv
+
+$(STAMP)/apt: tools/install-deps
+	tools/install-deps
+	@mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/venv: pyproject.toml $(STAMP)/apt
+	$(SYSPY) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@mkdir -p $(STAMP) && touch $@
+
+# Unit tests on the host, then the real-kernel and Kamailio tests in one kernel with ESP
+# (User-mode Linux when this host's kernel has none).
+test: install unit kernel
+
+unit: install
+	$(PYTEST) -q tests/unit
+
+kernel: install
+	tools/with-esp $(PYTEST) -q tests/kernel
+
+bench: install
+	$(PY) -m tools.bench_host
+	tools/with-esp $(PY) -m tools.bench_kernel
+
+fuzz: install
+	$(PY) -m tests.fuzz_secagree
+
+clean:
+	rm -rf $(VENV) $(STAMP) *.egg-info
