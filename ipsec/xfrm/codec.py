@@ -163,7 +163,7 @@ def new_policy(policy: Policy) -> Request:
     """XFRM_MSG_NEWPOLICY, exclusive: the kernel refuses a second one with the same selector."""
     body = (
         _selector(policy.sel)
-        + _INFINITE
+        + _lifetime(policy.lifetime)
         + _ZERO_CUR
         + _POLICY_TAIL.pack(policy.priority, 0, policy.dir, k.XFRM_POLICY_ALLOW, 0, 0)
         + _nla(k.XFRMA["XFRMA_TMPL"], _template(policy.tmpl))

@@ -118,6 +118,7 @@ class Policy:
     dir: Dir
     tmpl: Template
     priority: int = 0
+    lifetime: Lifetime | None = None
 
     def __str__(self) -> str:
         return f"policy {self.dir.name.lower()} {self.sel}"

@@ -1,0 +1,171 @@
+"""One UE's IPsec tunnel: 4 SAs + 4 policies (3GPP TS 33.203 7.1), installed all or nothing.
+
+The SPI of an SA is always chosen by its receiver:
+
+    SA1  UE port_uc     -> P-CSCF port_ps  spi_ps   policy in
+    SA2  P-CSCF port_ps -> UE port_uc      spi_uc   policy out
+    SA3  P-CSCF port_pc -> UE port_us      spi_us   policy out
+    SA4  UE port_us     -> P-CSCF port_pc  spi_pc   policy in
+
+Selectors match both UDP and TCP (protocol any) with exact addresses and ports, so a TCP
+connection opened on a pair is protected both ways by that pair's two SAs. These four pairs
+are all a P-CSCF uses: the C module's 4 extra "in-dialog" policies reuse these SAs' SPIs, so
+their SAs can never exist (the kernel keys SAs by destination and SPI) and their policies
+only make the kernel drop the packets they match (tests/kernel/test_tunnel.py shows it). We
+install none: every policy has its SA.
+
+reqid: each SA's reqid is its own SPI, and its policy's template asks for exactly that reqid.
+The kernel picks an outbound SA by (addresses, protocol, mode, reqid), so equal reqids would
+let a UE's second tunnel (other ports, other SPIs) match the first tunnel's SAs. An SPI is
+unique per destination (the kernel refuses duplicates), so (destination, reqid) is too, and it
+is never 0 (a template's reqid 0 would mean "any SA").
+
+MARKER: every selector carries `user` = 0x50435343 (ASCII "PCSC"), so startup and shutdown
+find and flush exactly our entries. It differs from the C module's 143956232 on purpose: the
+two modules can share a host during a migration without flushing each other's tunnels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ipsec.algorithms import EspAlgs, esp_algs
+from ipsec.xfrm import (
+    SA,
+    Dir,
+    Lifetime,
+    Policy,
+    PolicyId,
+    Request,
+    SAId,
+    Selector,
+    Template,
+    Xfrm,
+    XfrmError,
+    XfrmNotFound,
+    codec,
+    del_policy,
+    del_sa,
+    new_policy,
+)
+
+MARKER = 0x50435343
+PRIORITY = 0  # Linux tries policies in increasing priority order: exact UE flows first
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """Everything the kernel needs for one UE, as plain values (keys hidden from repr)."""
+
+    pcscf: str
+    ue: str
+    port_pc: int
+    port_ps: int
+    port_uc: int
+    port_us: int
+    spi_pc: int
+    spi_ps: int
+    spi_uc: int
+    spi_us: int
+    alg: str
+    ealg: str
+    ck: bytes = field(repr=False)
+    ik: bytes = field(repr=False)
+    marker: int = MARKER
+    lifetime: Lifetime | None = None
+
+
+def _flows(t: Tunnel) -> list[tuple[str, int, str, int, int, Dir]]:
+    """(src, sport, dst, dport, spi, policy direction) of SA1..SA4, in that order."""
+    return [
+        (t.ue, t.port_uc, t.pcscf, t.port_ps, t.spi_ps, Dir.IN),
+        (t.pcscf, t.port_ps, t.ue, t.port_uc, t.spi_uc, Dir.OUT),
+        (t.pcscf, t.port_pc, t.ue, t.port_us, t.spi_us, Dir.OUT),
+        (t.ue, t.port_us, t.pcscf, t.port_pc, t.spi_pc, Dir.IN),
+    ]
+
+
+def sas(t: Tunnel, algs: EspAlgs) -> list[SA]:
+    """SA1..SA4 of the tunnel."""
+    return [
+        SA(src, dst, spi, Selector(src, dst, sport, dport, user=t.marker), algs,
+           reqid=spi, lifetime=t.lifetime)
+        for src, sport, dst, dport, spi, _ in _flows(t)
+    ]
+
+
+def policies(t: Tunnel) -> list[Policy]:
+    """The policy of each SA (in for SA1 and SA4, out for SA2 and SA3), same order.
+
+    They share the SAs' lifetime, so that when the kernel expires a tunnel it leaves no
+    policy behind that would drop the flow's packets.
+    """
+    return [
+        Policy(Selector(src, dst, sport, dport, user=t.marker), direction,
+               Template(src, dst, reqid=spi), PRIORITY, t.lifetime)
+        for src, sport, dst, dport, spi, direction in _flows(t)
+    ]
+
+
+def _undo(x: Xfrm, requests: list[Request], error: BaseException) -> None:
+    """Delete what was added; a failure here is noted on the error being raised."""
+    try:
+        results = x.batch(requests)
+    except OSError as e:
+        error.add_note(f"rollback failed: {e}")
+        return
+    for r in results:
+        if r is not None and not isinstance(r, XfrmNotFound):
+            error.add_note(f"rollback failed: {r}")
+
+
+def _first_error(results: list[XfrmError | None]) -> XfrmError | None:
+    return next((e for e in results if e is not None), None)
+
+
+def install(x: Xfrm, tunnel: Tunnel) -> None:
+    """Add the 4 SAs, then the 4 policies; on any failure remove what was added and raise.
+
+    SAs go first, in their own batch, so that a policy never exists without its SA, not even
+    for the time of a failed install. The error raised is the first refusal, unchanged.
+    """
+    algs = esp_algs(tunnel.alg, tunnel.ealg, tunnel.ck, tunnel.ik)
+    alg_attrs = codec.alg_attrs(algs)
+    the_sas = sas(tunnel, algs)
+    the_policies = policies(tunnel)
+    sa_results = x.batch([codec.new_sa(sa, alg_attrs) for sa in the_sas])
+    error = _first_error(sa_results)
+    added_sas = [del_sa(SAId(sa.dst, sa.spi)) for sa, r in zip(the_sas, sa_results) if r is None]
+    if error is not None:
+        _undo(x, added_sas, error)
+        raise error
+    try:
+        pol_results = x.batch([new_policy(p) for p in the_policies])
+    except BaseException as e:
+        _undo(x, [del_policy(PolicyId(p.dir, p.sel)) for p in the_policies] + added_sas, e)
+        raise
+    error = _first_error(pol_results)
+    if error is not None:
+        added = [
+            del_policy(PolicyId(p.dir, p.sel))
+            for p, r in zip(the_policies, pol_results)
+            if r is None
+        ]
+        _undo(x, added + added_sas, error)
+        raise error
+
+
+def remove(x: Xfrm, tunnel: Tunnel) -> list[SAId | PolicyId]:
+    """Delete the policies, then the SAs; returns the pieces that were already gone.
+
+    Every piece is tried; a refusal other than "not found" is raised after all were tried.
+    """
+    pol_results = x.batch([del_policy(PolicyId(p.dir, p.sel)) for p in policies(tunnel)])
+    sa_ids = [SAId(dst, spi) for _, _, dst, _, spi, _ in _flows(tunnel)]
+    sa_results = x.batch([del_sa(i) for i in sa_ids])
+    missing: list[SAId | PolicyId] = []
+    for r in pol_results + sa_results:
+        if isinstance(r, XfrmNotFound):
+            missing.append(r.what)
+        elif r is not None:
+            raise r
+    return missing
