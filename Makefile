@@ -8,7 +8,11 @@ STAMP  := .stamp
 
 .PHONY: install test unit kernel bench demo run fuzz clean
 
-install: $(STAMP)/apt $(STAMP)/venv
+install: $(STAMP)/apt $(STAMP)/venv kamailio.paths.cfg
+
+# Where kamailio.cfg finds this checkout's KEMI script (app_python3 needs an absolute path).
+kamailio.paths.cfg: Makefile
+	echo '#!define KEMI_SCRIPT "$(CURDIR)/kemi/pcscf.py"' > $@
 
 $(STAMP)/apt: tools/install-deps
 	tools/install-deps

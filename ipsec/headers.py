@@ -1,0 +1,103 @@
+"""The few SIP header facts the module functions read: AoR, contact, expiry, top Via, tags.
+
+Pure functions over header values as Kamailio hands them out (repeated headers joined by
+commas). Bad input raises `HeaderError`, the sender's fault.
+"""
+from __future__ import annotations
+
+import re
+
+from .sipuri import Address, SipUriError, normalize_host, parse_uri
+
+
+class HeaderError(ValueError):
+    """A header the module needs is missing or unreadable."""
+
+
+def _split_commas(value: str) -> list[str]:
+    """Split at commas outside <...> and quotes (a display name or URI may contain commas)."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for i, ch in enumerate(value):
+        if ch == '"' and (i == 0 or value[i - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and ch == "<":
+            depth += 1
+        elif not quoted and ch == ">":
+            depth -= 1
+        elif not quoted and depth == 0 and ch == ",":
+            parts.append(value[start:i].strip())
+            start = i + 1
+    parts.append(value[start:].strip())
+    return [p for p in parts if p]
+
+
+def _uri_and_params(value: str) -> tuple[str, dict[str, str]]:
+    """name-addr or addr-spec, then header parameters (after '>' or, bare, after the URI)."""
+    if "<" in value:
+        start, end = value.index("<"), value.find(">")
+        if end < start:
+            raise HeaderError(f"unclosed '<' in {value!r}")
+        uri, rest = value[start + 1 : end], value[end + 1 :]
+    else:
+        uri, _, rest = value.partition(";")
+        rest = ";" + rest if rest else ""
+    params = {}
+    for item in rest.split(";")[1:]:
+        name, _, val = item.partition("=")
+        params[name.strip().lower()] = val.strip().strip('"')
+    return uri.strip(), params
+
+
+def aor(to_value: str | None) -> str:
+    """The AoR of a REGISTER: its To URI without parameters (sip:user@domain)."""
+    if not to_value:
+        raise HeaderError("no To header")
+    uri, _ = _uri_and_params(to_value)
+    try:
+        parsed = parse_uri(uri)
+    except SipUriError as e:
+        raise HeaderError(f"To: {e}") from None
+    user = f"{parsed.user}@" if parsed.user else ""
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    return f"{parsed.scheme}:{user}{host}"
+
+
+def contacts(value: str | None) -> list[tuple[str, dict[str, str]]]:
+    """Every Contact as (uri, params); [] for none. '*' is returned as ("*", {})."""
+    if not value:
+        return []
+    return [("*", {}) if part == "*" else _uri_and_params(part) for part in _split_commas(value)]
+
+
+def expires_of(contact_params: dict[str, str], expires_header: str | None, default: int) -> int:
+    """A contact's expiry in seconds: its own `expires` parameter, else the Expires header."""
+    for raw in (contact_params.get("expires"), expires_header):
+        if raw is not None and raw.strip() != "":
+            if not raw.strip().isdigit():
+                raise HeaderError(f"bad expires value {raw!r}")
+            return int(raw.strip())
+    return default
+
+
+_VIA = re.compile(r"\s*SIP\s*/\s*2\.0\s*/\s*(?P<proto>[A-Za-z]+)\s+(?P<host>\[[^\]]+\]|[^\s;:]+)"
+                  r"(?:\s*:\s*(?P<port>\d+))?", re.I)
+
+
+def top_via(value: str | None) -> Address:
+    """The sent-by of the first Via: where the phone says it wants its replies."""
+    if not value:
+        raise HeaderError("no Via header")
+    m = _VIA.match(_split_commas(value)[0])
+    if not m:
+        raise HeaderError("unreadable Via")
+    proto = m.group("proto").lower()
+    port = int(m.group("port")) if m.group("port") else (5061 if proto == "tls" else 5060)
+    try:
+        return Address(normalize_host(m.group("host")), port, proto)
+    except SipUriError as e:
+        raise HeaderError(f"Via: {e}") from None
+
+
+def option_tags(value: str | None) -> list[str]:
+    """The option tags of a Require/Proxy-Require/Supported value, as written."""
+    return [t.strip() for t in (value or "").split(",") if t.strip()]

@@ -1,0 +1,528 @@
+"""The functions an operator's KEMI script calls: ipsec_create, ipsec_forward, ipsec_destroy,
+ipsec_destroy_by_contact, plus the registrar steps they rely on, start-up and the expiry sweep.
+
+Names, arguments, flags and return values are those of Kamailio's ims_ipsec_pcscf (1 success,
+-1 failure). Each function takes the current message as an argument (`kemi.message.KsrMessage`
+over KSR; the same class over the KSR test double in tests), logs every failure with its cause
+(never a key) and never lets an exception escape into Kamailio.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from . import headers, secagree, tunnel as kernel
+from .algorithms import AlgorithmError, EspAlgs
+from .params import Params
+from .sipuri import Address, SipUriError, parse_uri
+from .store import Contact, Lease, Store, StoreError, Tunnel, UeSide, keep_tunnel
+from .xfrm import Xfrm, XfrmError, XfrmExists
+
+# ipsec_create flags
+CREATE_DELETE_UNUSED = 0x01
+# ipsec_forward flags (bit values of the C module)
+FORCE_SOCKET = 0x01
+REVERSE_SEARCH = 0x02
+USE_DST_URI = 0x04
+USE_NEW_RURI = 0x08
+NO_ALIAS = 0x10
+KEEP_DST_URI = 0x20
+TCP_USE_CLIENT_PORT = 0x40
+DST_URI_TRANSPORT = 0x80
+USE_VIA = 0x100
+UDP_FALLBACK_TCP = 0x200
+
+DUPLICATE_RETRIES = 3
+DEFAULT_EXPIRES = 3600
+# A tunnel whose last reply is still on its way (200 OK to a de-REGISTER) is removed by the
+# sweep this long after ipsec_destroy, never by the reply route itself.
+DEFERRED_TEARDOWN = 1.0
+
+
+class ModuleError(Exception):
+    """The module cannot start (bad parameter, store or kernel unusable)."""
+
+
+class Log(Protocol):
+    def info(self, text: str) -> None: ...
+    def warn(self, text: str) -> None: ...
+    def err(self, text: str) -> None: ...
+
+
+class RequestView(Protocol):
+    def method(self) -> str: ...
+    def header(self, name: str) -> str | None: ...
+    def first_header(self, name: str) -> str | None: ...
+    def source(self) -> Address: ...
+    def local(self) -> Address: ...
+    def ruri(self) -> str: ...
+    def dst_uri(self) -> str | None: ...
+
+
+class Message(RequestView, Protocol):
+    def is_request(self) -> bool: ...
+    def status(self) -> int | None: ...
+    def original_ruri(self) -> str: ...
+    def request(self) -> RequestView: ...
+    def append_header(self, name: str, value: str) -> None: ...
+    def remove_header(self, name: str) -> None: ...
+    def set_dst_uri(self, uri: str) -> None: ...
+    def set_send_socket(self, sock: str) -> None: ...
+    def set_reply_path(self, sock: str, target: str) -> None: ...
+
+
+class Refused(Exception):
+    """A function cannot do its job for this message; the text says why (logged at error)."""
+
+
+def kemi_function(fn: Callable[..., int]) -> Callable[..., int]:
+    """1/-1 for Kamailio: refusals and any unexpected error are logged, never raised."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "Module", *args, **kwargs) -> int:
+        try:
+            return fn(self, *args, **kwargs)
+        except Refused as e:
+            self._err(f"{fn.__name__}: {e}")
+        except (secagree.SecAgreeError, headers.HeaderError, SipUriError) as e:
+            self._err(f"{fn.__name__}: bad message from the phone: {e}")
+        except (StoreError, XfrmError, AlgorithmError) as e:
+            self._err(f"{fn.__name__}: {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - nothing may escape into Kamailio
+            self._err(f"{fn.__name__}: internal error {type(e).__name__}: {e}")
+        return -1
+
+    return wrapper
+
+
+def _sock(proto: str, host: str, port: int) -> str:
+    return f"{proto}:[{host}]:{port}" if ":" in host else f"{proto}:{host}:{port}"
+
+
+def _uri(host: str, port: int, proto: str | None = None) -> str:
+    h = f"[{host}]" if ":" in host else host
+    return f"sip:{h}:{port}" + (f";transport={proto}" if proto and proto != "udp" else "")
+
+
+@dataclass
+class Module:
+    params: Params
+    store: Store
+    xfrm: Xfrm
+    log: Log
+    expiry_grace: float = 30.0
+    marker: int = kernel.MARKER
+    clock: Callable[[], float] = time.time
+
+    @classmethod
+    def from_defines(cls, get_def: Callable[[str], str], log: Log) -> "Module":
+        """Build from kamailio.cfg defines (KSR.kx.get_def); a bad value raises ParamError."""
+        params = Params.from_defines(get_def)
+        for warning in params.warnings():
+            log.warn(f"ims-ipsec: {warning}\n")
+        run_dir = (get_def("RUN_DIR") or "").strip('"') or "/var/run/kamailio"
+        path = params.ipsec_store or os.path.join(run_dir, "ipsec-pcscf.sqlite")
+        grace = (get_def("EXPIRY_GRACE") or "30").strip('"')
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            store = Store(path, spi_start=params.ipsec_spi_id_start,
+                          spi_range=params.ipsec_spi_id_range,
+                          client_port=params.ipsec_client_port,
+                          server_port=params.ipsec_server_port,
+                          max_connections=params.ipsec_max_connections)
+            return cls(params, store, Xfrm(), log, expiry_grace=float(grace))
+        except (OSError, ValueError, StoreError) as e:
+            raise ModuleError(f"store {path}: {e}") from None
+
+    # -- logging ------------------------------------------------------------------------------
+    def _err(self, text: str) -> None:
+        self.log.err(f"ims-ipsec: {text}\n")
+
+    def _info(self, text: str) -> None:
+        self.log.info(f"ims-ipsec: {text}\n")
+
+    # -- where a message stands ---------------------------------------------------------------
+    def _pcscf_host(self, ue_host: str) -> str:
+        addr = self.params.ipsec_listen_addr6 if ":" in ue_host else self.params.ipsec_listen_addr
+        if not addr:
+            raise Refused(f"no protected listen address for the family of {ue_host}")
+        return addr.strip("[]")
+
+    def _on_protected_port(self, local: Address) -> bool:
+        addrs = {self.params.ipsec_listen_addr, self.params.ipsec_listen_addr6.strip("[]")}
+        return local.port in self.params.protected_ports and local.host in {
+            a for a in addrs if a}
+
+    def tunnel_contact(self, req: RequestView) -> Contact | None:
+        """The contact whose SAs this request came through (the pair must be one of its own)."""
+        src, local = req.source(), req.local()
+        if not self._on_protected_port(local):
+            return None
+        contact = self.store.find_by_source(src.host, src.port)
+        if contact is None or contact.tunnel is None:
+            return None
+        t = contact.tunnel
+        pairs = {(t.ue.port_uc, t.lease.port_ps), (t.ue.port_us, t.lease.port_pc)}
+        return contact if (src.port, local.port) in pairs else None
+
+    def is_protected(self, msg: RequestView) -> bool:
+        """Did this request arrive on a protected port (from a phone, through ESP)?"""
+        return self._on_protected_port(msg.local())
+
+    # -- registrar steps ----------------------------------------------------------------------
+    @kemi_function
+    def save_pending(self, msg: Message, domain: str) -> int:
+        """An unprotected REGISTER from a phone: remember its contact until the 200 OK."""
+        found = headers.contacts(msg.header("Contact"))
+        if not found or found[0][0] == "*":
+            raise Refused("REGISTER without a contact to protect")
+        via = headers.top_via(msg.header("Via"))
+        contact = self.store.save_pending(headers.aor(msg.first_header("To")), found[0][0],
+                                          via, msg.source())
+        self._info(f"pending contact {contact.id} {contact.aor} from {contact.received}")
+        return 1
+
+    @kemi_function
+    def save(self, msg: Message, domain: str) -> int:
+        """The 200 OK to a REGISTER: the contact is registered until the expiry it grants."""
+        req = msg.request()
+        contact = self._contact_of_register(req)
+        found = headers.contacts(msg.header("Contact")) or headers.contacts(req.header("Contact"))
+        params = found[0][1] if found else {}
+        expires = headers.expires_of(params, msg.first_header("Expires"), DEFAULT_EXPIRES)
+        if expires == 0:
+            return 1
+        self.store.set_registered(contact.id, self.clock() + expires)
+        self._drop_superseded(contact)
+        return 1
+
+    def is_deregistration(self, msg: Message) -> bool:
+        """Was the transaction's REGISTER a de-registration (every contact expires=0)?"""
+        try:
+            req = msg.request()
+            found = headers.contacts(req.header("Contact"))
+            if any(uri == "*" for uri, _ in found):
+                return True
+            exp = req.first_header("Expires")
+            return bool(found) and all(
+                headers.expires_of(p, exp, DEFAULT_EXPIRES) == 0 for _, p in found)
+        except (headers.HeaderError, SipUriError):
+            return False
+
+    def _contact_of_register(self, req: RequestView) -> Contact:
+        contact = self.tunnel_contact(req)
+        if contact is None and not self._on_protected_port(req.local()):
+            contact = self.store.find_by_received(req.source())
+        if contact is None:
+            raise Refused(f"no contact for the REGISTER from {req.source()}")
+        return contact
+
+    # -- ipsec_create ---------------------------------------------------------------------------
+    @kemi_function
+    def ipsec_create(self, msg: Message, domain: str, flags: int = 0) -> int:
+        """The 401 to a REGISTER: choose the phone's offer, install its SAs (or keep them),
+        add Security-Server, and take CK/IK out of the challenge before it leaves."""
+        if flags & CREATE_DELETE_UNUSED:
+            self._remove_unused()
+        req = msg.request()
+        contact = self._contact_of_register(req)
+        client = req.header("Security-Client")
+        if not client:
+            raise Refused(f"REGISTER from {req.source()} has no Security-Client")
+        offer = secagree.choose_offer(secagree.parse_security_header(client),
+                                      self.params.ipsec_preferred_alg,
+                                      self.params.ipsec_preferred_ealg)
+        challenge = msg.first_header("WWW-Authenticate")
+        if not challenge:
+            raise Refused("401 without WWW-Authenticate")
+        ck, ik, stripped = secagree.extract_ck_ik(challenge)
+        ue = UeSide(req.source().host, offer.spi_c, offer.spi_s, offer.port_c, offer.port_s)
+        digest = self.store.keys_digest(ck, ik)
+        if keep_tunnel(contact.tunnel, ue, digest, bool(self.params.ipsec_reuse_server_port)):
+            server = contact.tunnel.security_server
+            self._info(f"contact {contact.id}: keeping tunnel spi-c={contact.tunnel.lease.spi_pc}")
+        else:
+            server = self._new_tunnel(contact, ue, offer, ck, ik, digest, client).security_server
+        msg.remove_header("WWW-Authenticate")
+        msg.append_header("WWW-Authenticate", stripped)
+        msg.append_header("Security-Server", server)
+        if "sec-agree" not in headers.option_tags(msg.header("Supported")):
+            msg.append_header("Supported", "sec-agree")
+        return 1
+
+    def _new_tunnel(self, contact: Contact, ue: UeSide, offer: secagree.Offer, ck: bytes,
+                    ik: bytes, digest: bytes, client: str) -> Tunnel:
+        """Lease, install (all or nothing), attach; an SPI the kernel already has is skipped."""
+        pcscf = self._pcscf_host(ue.host)
+        avoid: set[int] = set()
+        for _ in range(DUPLICATE_RETRIES):
+            lease = self.store.lease(ue.host, avoid)
+            spec = self._kernel_tunnel(pcscf, ue, lease, offer.alg, offer.ealg, ck, ik)
+            try:
+                kernel.install(self.xfrm, spec)
+            except XfrmExists as e:
+                self.store.release(lease)
+                avoid |= {lease.spi_pc, lease.spi_ps}
+                self.log.warn(f"ims-ipsec: SPI already in the kernel, leasing another: {e}\n")
+                continue
+            except BaseException:
+                self.store.release(lease)
+                raise
+            server = secagree.format_security_server(offer.alg, offer.ealg, lease.spi_pc,
+                                                     lease.spi_ps, lease.port_pc, lease.port_ps)
+            record = Tunnel(lease, ue, offer.alg, offer.ealg, pcscf, digest, client, server)
+            try:
+                self.store.set_tunnel(contact.id, record)
+            except BaseException:
+                kernel.remove(self.xfrm, spec)
+                self.store.release(lease)
+                raise
+            self._info(f"contact {contact.id}: tunnel {ue.host} spi-c={lease.spi_pc} "
+                       f"spi-s={lease.spi_ps} port-c={lease.port_pc} port-s={lease.port_ps} "
+                       f"alg={offer.alg} ealg={offer.ealg}")
+            return record
+        raise Refused(f"the kernel refused {DUPLICATE_RETRIES} SPI leases as duplicates")
+
+    def _kernel_tunnel(self, pcscf: str, ue: UeSide, lease: Lease, alg: str, ealg: str,
+                       ck: bytes = bytes(16), ik: bytes = bytes(16)) -> kernel.Tunnel:
+        return kernel.Tunnel(pcscf, ue.host, lease.port_pc, lease.port_ps, ue.port_uc,
+                             ue.port_us, lease.spi_pc, lease.spi_ps, ue.spi_uc, ue.spi_us,
+                             alg, ealg, ck, ik, self.marker)
+
+    def _spec_of(self, t: Tunnel) -> kernel.Tunnel:
+        """The kernel identity of a stored tunnel (removal needs no keys)."""
+        return self._kernel_tunnel(t.pcscf_host, t.ue, t.lease, t.alg, t.ealg)
+
+    def _remove_tunnel(self, t: Tunnel | Lease) -> None:
+        """SAs and policies out of the kernel, then the lease back to the pool."""
+        if isinstance(t, Tunnel):
+            missing = kernel.remove(self.xfrm, self._spec_of(t))
+            if missing:
+                self._info(f"tunnel spi-c={t.lease.spi_pc}: {len(missing)} piece(s) were already gone")
+            self.store.release(t.lease)
+        else:
+            self.store.release(t)
+
+    def _remove_unused(self) -> None:
+        for t in self.store.stale_leases(older_than=self.expiry_grace, now=self.clock()):
+            self._remove_tunnel(t)
+
+    def _drop_superseded(self, contact: Contact) -> None:
+        """After a re-registration's 200 OK, the phone's previous tunnel has served its last."""
+        current = self.store.get_contact(contact.id)
+        if current is None or current.tunnel is None:
+            return
+        for t in self.store.stale_leases(older_than=0, now=self.clock() + 1):
+            if isinstance(t, Tunnel) and t.ue.host == current.tunnel.ue.host:
+                self._remove_tunnel(t)
+
+    # -- ipsec_forward --------------------------------------------------------------------------
+    @kemi_function
+    def ipsec_forward(self, msg: Message, domain: str, flags: int = 0) -> int:
+        """Send through the phone's SAs: a request to it, or the replies to its request.
+
+        KEMI cannot change where TM sends a reply once the transaction exists, so for replies
+        this is called on the phone's request in the request route, before t_relay; called
+        on the reply itself it adds the sec-agree option tags to a 200 OK to REGISTER.
+        """
+        if not msg.is_request():
+            return self._forward_reply(msg)
+        if self.is_protected(msg):
+            return self._reply_path(msg, flags)
+        return self._forward_request(msg, flags)
+
+    def _forward_request(self, msg: Message, flags: int) -> int:
+        contact = self.contact_for_request(msg, flags)
+        if contact is None or contact.tunnel is None:
+            raise Refused(f"no tunnel for {self._search_uri(msg, flags)}")
+        t = contact.tunnel
+        proto = contact.received.proto
+        if flags & USE_VIA and msg.dst_uri():
+            proto = _transport_of(msg.dst_uri(), proto)
+        if proto != "udp" and flags & TCP_USE_CLIENT_PORT:
+            local, remote = t.lease.port_ps, t.ue.port_uc
+        else:
+            local, remote = t.lease.port_pc, t.ue.port_us
+        if not (flags & KEEP_DST_URI and msg.dst_uri()):
+            msg.set_dst_uri(_uri(t.ue.host, remote, proto))
+        msg.set_send_socket(_sock(proto, t.pcscf_host, local))
+        return 1
+
+    def _search_uri(self, msg: RequestView, flags: int) -> str:
+        if flags & USE_DST_URI and msg.dst_uri():
+            return msg.dst_uri()
+        return msg.ruri() if flags & USE_NEW_RURI else msg.original_ruri()
+
+    def contact_for_request(self, msg: Message, flags: int = 0) -> Contact | None:
+        """The registered phone a request from the core is for."""
+        return self.store.find_by_uri(self._search_uri(msg, flags),
+                                      use_alias=not flags & NO_ALIAS,
+                                      newest_first=not flags & REVERSE_SEARCH)
+
+    def _reply_path(self, msg: Message, flags: int) -> int:
+        contact = self.tunnel_contact(msg)
+        if contact is None:
+            raise Refused(f"{msg.method()} from {msg.source()} did not come through a known tunnel")
+        t, src = contact.tunnel, msg.source()
+        if src.proto != "udp":
+            return 1  # TCP/TLS replies go back on the phone's connection: port_ps -> port_uc
+        remote, local = t.ue.port_us, t.lease.port_pc
+        if flags & USE_VIA:
+            via = headers.top_via(msg.header("Via"))
+            if via.port == t.ue.port_uc:
+                remote, local = t.ue.port_uc, t.lease.port_ps
+        msg.set_reply_path(_sock("udp", t.pcscf_host, local), _sock("udp", t.ue.host, remote))
+        return 1
+
+    def _forward_reply(self, msg: Message) -> int:
+        contact = self.tunnel_contact(msg.request())
+        if contact is None:
+            raise Refused(f"reply to {msg.request().source()}: no tunnel")
+        if msg.request().method() == "REGISTER" and 200 <= (msg.status() or 0) < 300:
+            for name in ("Supported", "Require"):
+                if "sec-agree" not in headers.option_tags(msg.header(name)):
+                    msg.append_header(name, "sec-agree")
+        return 1
+
+    def phone_facing_rr(self, contact: Contact, proto: str) -> str:
+        """The Record-Route the phone sees: our protected server port (its SA1 target)."""
+        t = contact.tunnel
+        host = f"[{t.pcscf_host}]" if ":" in t.pcscf_host else t.pcscf_host
+        return f"sip:{host}:{t.lease.port_ps};lr" + (f";transport={proto}" if proto != "udp" else "")
+
+    # -- Security-Verify ------------------------------------------------------------------------
+    def check_security_verify(self, msg: Message, required: bool) -> int:
+        """A protected request's Security-Verify must equal the Security-Server we sent.
+
+        Required on REGISTER (24.229); on other requests checked when present.
+        """
+        contact = self.tunnel_contact(msg)
+        if contact is None:
+            self._err(f"{msg.method()} from {msg.source()} on a protected port: unknown tunnel")
+            return -1
+        verify = msg.header("Security-Verify")
+        if verify is None and not required:
+            return 1
+        if not secagree.verify_matches(verify, contact.tunnel.security_server):
+            self._err(f"contact {contact.id}: Security-Verify {'missing' if verify is None else 'differs'}")
+            return -1
+        return 1
+
+    # -- ipsec_destroy ------------------------------------------------------------------------
+    @kemi_function
+    def ipsec_destroy(self, msg: Message, domain: str, aor: str | None = None) -> int:
+        """Remove the tunnel(s) of an AoR (default: the R-URI's contact, or for a reply the
+        contact its REGISTER came from). On a reply the SAs stay until it has left."""
+        if aor:
+            found = self.store.find_by_aor(aor)
+        elif not msg.is_request():
+            c = self.tunnel_contact(msg.request())
+            found = [c] if c else []
+        else:
+            c = self.store.find_by_uri(msg.ruri())
+            found = [c] if c else []
+        if not found:
+            raise Refused(f"no contact for {aor or msg.ruri()}")
+        for c in found:
+            self._destroy(c, deferred=not msg.is_request())
+        return 1
+
+    @kemi_function
+    def ipsec_destroy_by_contact(self, msg: Message, domain: str, aor: str, recv_host: str,
+                                 recv_port: int | str) -> int:
+        c = self.store.find_by_aor_received(aor, recv_host, int(recv_port))
+        if c is None:
+            raise Refused(f"no contact {aor} received from {recv_host}:{recv_port}")
+        self._destroy(c, deferred=not msg.is_request())
+        return 1
+
+    def _destroy(self, contact: Contact, deferred: bool) -> None:
+        if deferred:
+            # the sweep removes it once the reply through its SAs has left
+            self.store.set_registered(contact.id, self.clock() + DEFERRED_TEARDOWN - self.expiry_grace)
+            self._info(f"contact {contact.id} {contact.aor}: tunnel removed after this reply")
+            return
+        self._teardown(contact)
+
+    def _teardown(self, contact: Contact) -> None:
+        t = self.store.delete_contact(contact.id)
+        if t is not None:
+            self._remove_tunnel(t)
+        self._info(f"contact {contact.id} {contact.aor}: removed")
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    def sweep(self) -> int:
+        """Expired contacts out, leftover leases out, and a fresh pool once nobody is left."""
+        try:
+            for c in self.store.expired(self.clock(), self.expiry_grace):
+                self._teardown(c)
+            self._remove_unused()
+            for t in self.store.reset_leases_if_empty():
+                if isinstance(t, Tunnel):
+                    kernel.remove(self.xfrm, self._spec_of(t))
+            return 1
+        except Exception as e:  # noqa: BLE001 - a timer callback must not raise into Kamailio
+            self._err(f"sweep: {type(e).__name__}: {e}")
+            return -1
+
+    def startup(self) -> None:
+        """Before the fork: keep live tunnels whole in the kernel, flush the rest of ours.
+
+        A restart must not force phones to re-register (the C module flushes everything), so
+        the kernel entries of tunnels the store holds as live stay; any of ours that no live
+        tunnel explains goes; a live tunnel missing SAs (keys are never stored, so it cannot
+        be rebuilt) is dropped, and its phone registers again.
+        """
+        try:
+            live = self.store.live_tunnels()
+            if not live:
+                flushed = self.xfrm.flush(self.marker)
+                self._info(f"start: no live tunnel; flushed {flushed}")
+                return
+            self._reconcile(live)
+        except (StoreError, XfrmError, OSError) as e:
+            raise ModuleError(f"start-up reconciliation failed: {e}") from None
+
+    def _reconcile(self, live: list[Tunnel]) -> None:
+        states = {(s.dst, s.spi): s for s in self.xfrm.states(user=self.marker)}
+        keep_sas: set[tuple[str, int]] = set()
+        keep_pols: set[tuple] = set()
+        for t in live:
+            spec = self._spec_of(t)
+            ids = {(sa.dst, sa.spi) for sa in kernel.sas(spec, EspAlgs())}
+            if not ids <= states.keys():
+                self._err(f"start: tunnel spi-c={t.lease.spi_pc} of {t.ue.host} lost SAs in the "
+                          "kernel; its phone must register again")
+                self._forget(t)
+                continue
+            keep_sas |= ids
+            keep_pols |= {_flow(p.dir, p.sel) for p in kernel.policies(spec)}
+        stray_sas = [s.id for key, s in states.items() if key not in keep_sas]
+        stray_pols = [p.id for p in self.xfrm.policies(user=self.marker)
+                      if _flow(p.dir, p.sel) not in keep_pols]
+        self.xfrm.batch([kernel.del_policy(p) for p in stray_pols] +
+                        [kernel.del_sa(s) for s in stray_sas])
+        self._info(f"start: kept {len(live)} live tunnel(s), removed {len(stray_sas)} stray SA(s) "
+                   f"and {len(stray_pols)} stray policy(ies)")
+
+    def _forget(self, t: Tunnel) -> None:
+        """A live tunnel the kernel no longer has whole: its pieces, contacts and lease go."""
+        kernel.remove(self.xfrm, self._spec_of(t))
+        while (c := self.store.find_by_source(t.ue.host, t.ue.port_uc)) is not None \
+                and c.tunnel is not None and c.tunnel.lease == t.lease:
+            self.store.delete_contact(c.id)
+        self.store.release(t.lease)
+
+
+def _flow(direction: object, sel: object) -> tuple:
+    return (int(direction), sel.src, sel.dst, sel.sport, sel.dport)
+
+
+def _transport_of(uri: str, default: str) -> str:
+    try:
+        return parse_uri(uri).params.get("transport", default).lower()
+    except SipUriError:
+        return default

@@ -1,0 +1,129 @@
+"""The module parameters: the C module's names and defaults, read once at start.
+
+Operators know these names from `modparam("ims_ipsec_pcscf", ...)`; in kamailio.cfg they are
+upper-case defines (`IPSEC_CLIENT_PORT`, ...) that the KEMI script reads with `KSR.kx.get_def`.
+A bad value must stop Kamailio at start with a message naming the parameter and the value,
+so validation raises `ParamError` and the caller refuses to start.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, fields
+from typing import Callable
+
+from .algorithms import AUTH_ALGS, ENC_ALGS
+
+log = logging.getLogger(__name__)
+
+SPI_MAX = 2**32 - 1
+RESERVED_SPIS = range(1, 256)  # RFC 4303 section 2.1
+
+
+class ParamError(ValueError):
+    """A parameter value Kamailio must not start with."""
+
+
+@dataclass(frozen=True)
+class Params:
+    ipsec_listen_addr: str = ""
+    ipsec_listen_addr6: str = ""
+    ipsec_client_port: int = 5062
+    ipsec_server_port: int = 5063
+    ipsec_max_connections: int = 2
+    ipsec_reuse_server_port: int = 1
+    ipsec_spi_id_start: int = 100
+    ipsec_spi_id_range: int = 1000
+    ipsec_preferred_alg: str = ""
+    ipsec_preferred_ealg: str = ""
+    ipsec_listen_name: str = ""
+    ipsec_listen_agname: str = ""
+    ipsec_store: str = ""
+
+    def __post_init__(self) -> None:
+        _check_addr("ipsec_listen_addr", self.ipsec_listen_addr, 4)
+        _check_addr("ipsec_listen_addr6", self.ipsec_listen_addr6, 6)
+        if not (self.ipsec_listen_addr or self.ipsec_listen_addr6):
+            raise ParamError("ipsec_listen_addr and ipsec_listen_addr6 are both empty: no protected socket")
+        _check_range("ipsec_max_connections", self.ipsec_max_connections, 1, 65535)
+        top = 65536 - self.ipsec_max_connections
+        _check_range("ipsec_client_port", self.ipsec_client_port, 1, top)
+        _check_range("ipsec_server_port", self.ipsec_server_port, 1, top)
+        _check_range("ipsec_reuse_server_port", self.ipsec_reuse_server_port, 0, 1)
+        _check_range("ipsec_spi_id_start", self.ipsec_spi_id_start, 1, SPI_MAX)
+        # Each lease takes two SPIs (spi_pc, spi_ps) from the range.
+        _check_range("ipsec_spi_id_range", self.ipsec_spi_id_range, 2, SPI_MAX - self.ipsec_spi_id_start + 1)
+        if self.ipsec_preferred_alg and self.ipsec_preferred_alg not in AUTH_ALGS:
+            raise ParamError(f"ipsec_preferred_alg: unknown algorithm {self.ipsec_preferred_alg!r} (one of {', '.join(AUTH_ALGS)})")
+        if self.ipsec_preferred_ealg and self.ipsec_preferred_ealg not in ENC_ALGS:
+            raise ParamError(f"ipsec_preferred_ealg: unknown algorithm {self.ipsec_preferred_ealg!r} (one of {', '.join(ENC_ALGS)})")
+
+    @property
+    def client_ports(self) -> range:
+        return range(self.ipsec_client_port, self.ipsec_client_port + self.ipsec_max_connections)
+
+    @property
+    def server_ports(self) -> range:
+        return range(self.ipsec_server_port, self.ipsec_server_port + self.ipsec_max_connections)
+
+    @property
+    def protected_ports(self) -> frozenset[int]:
+        return frozenset(self.client_ports) | frozenset(self.server_ports)
+
+    def warnings(self) -> list[str]:
+        """Values Kamailio may start with but an operator should hear about."""
+        out = []
+        spis = range(self.ipsec_spi_id_start, self.ipsec_spi_id_start + self.ipsec_spi_id_range)
+        if spis.start <= RESERVED_SPIS.stop - 1 and RESERVED_SPIS.start <= spis.stop - 1:
+            out.append(
+                f"ipsec_spi_id_start={self.ipsec_spi_id_start} ipsec_spi_id_range={self.ipsec_spi_id_range}: "
+                "the SPI range overlaps 1-255, reserved by RFC 4303 (some peers refuse them); "
+                "set IPSEC_SPI_ID_START to 256 or more"
+            )
+        overlap = frozenset(self.client_ports) & frozenset(self.server_ports)
+        if overlap:
+            out.append(f"client and server port ranges share port(s) {sorted(overlap)}")
+        return out
+
+    @classmethod
+    def from_defines(cls, get_def: Callable[[str], str]) -> "Params":
+        """Read every parameter from the kamailio.cfg define of its upper-case name.
+
+        `get_def` is `KSR.kx.get_def`: it returns the define's raw text ("" when undefined),
+        string values with the quotes written in the cfg.
+        """
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = _unquote((get_def(f.name.upper()) or "").strip())
+            if raw == "":
+                continue
+            if f.type == "int":
+                try:
+                    values[f.name] = int(raw, 0)
+                except ValueError:
+                    raise ParamError(f"{f.name}: {raw!r} is not an integer") from None
+            else:
+                values[f.name] = raw
+        return cls(**values)
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not isinstance(value, int) or not low <= value <= high:
+        raise ParamError(f"{name}: {value!r} is out of range {low}..{high}")
+
+
+def _check_addr(name: str, value: str, version: int) -> None:
+    if not value:
+        return
+    try:
+        addr = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        raise ParamError(f"{name}: {value!r} is not an IP address") from None
+    if addr.version != version:
+        raise ParamError(f"{name}: {value!r} is not an IPv{version} address")

@@ -1,0 +1,83 @@
+"""The current SIP message seen through KSR: the only place the module's functions meet Kamailio.
+
+`ipsec.module` takes any object with this shape; here it is built over KSR (real Kamailio, or
+the test double in kemi/double, which answers the same calls from raw SIP text).
+"""
+from __future__ import annotations
+
+from ipsec.sipuri import Address
+
+import KSR
+
+
+def _pv(name: str):
+    return KSR.pv.get(name)
+
+
+class _Reading:
+    """Reads through pseudo-variables, optionally wrapped (the transaction's request: $T_req)."""
+
+    def __init__(self, wrap: str = "{}") -> None:
+        self._wrap = wrap
+
+    def _get(self, pv: str):
+        return _pv(self._wrap.format(pv))
+
+    def method(self) -> str:
+        return self._get("$rm") or ""
+
+    def header(self, name: str) -> str | None:
+        """All values of a header (repeated headers joined by commas, as SIP allows), or None."""
+        return self._get(f"$(hdr({name})[*])")
+
+    def first_header(self, name: str) -> str | None:
+        return self._get(f"$hdr({name})")
+
+    def source(self) -> Address:
+        return Address(self._get("$si"), int(self._get("$sp")), self._get("$pr"))
+
+    def local(self) -> Address:
+        return Address(self._get("$Ri"), int(self._get("$Rp")), self._get("$pr"))
+
+    def ruri(self) -> str:
+        return self._get("$ru") or ""
+
+    def dst_uri(self) -> str | None:
+        return self._get("$du")
+
+
+class KsrMessage(_Reading):
+    """The message of the running route (request or reply)."""
+
+    def is_request(self) -> bool:
+        return _pv("$rs") is None
+
+    def status(self) -> int | None:
+        return _pv("$rs")
+
+    def original_ruri(self) -> str:
+        return _pv("$ou") or ""
+
+    def request(self) -> _Reading:
+        """The transaction's request, for a reply (needs tmx)."""
+        return _Reading("$T_req({})")
+
+    def append_header(self, name: str, value: str) -> None:
+        KSR.hdr.append(f"{name}: {value}\r\n")
+
+    def remove_header(self, name: str) -> None:
+        KSR.hdr.remove(name)
+
+    def set_dst_uri(self, uri: str) -> None:
+        KSR.setdsturi(uri)
+
+    def reset_dst_uri(self) -> None:
+        KSR.resetdsturi()
+
+    def set_send_socket(self, sock: str) -> None:
+        KSR.corex.set_send_socket(sock)
+
+    def set_reply_path(self, sock: str, target: str) -> None:
+        """Where TM will send this request's replies (call before t_relay; see README)."""
+        KSR.corex.set_recv_socket(sock)
+        KSR.corex.set_source_address(target)

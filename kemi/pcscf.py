@@ -1,0 +1,62 @@
+"""The P-CSCF routing script (Kamailio app_python3, KEMI): REGISTER with sec-agree, calls.
+
+Loaded by kamailio.cfg. It finds this checkout's code and venv from its own location, so
+Kamailio can start with a clean environment from any directory.
+"""
+import os
+import site
+import sys
+
+_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+site.addsitedir(os.path.join(_HOME, ".venv", "lib", "python%d.%d" % sys.version_info[:2], "site-packages"))
+if _HOME not in sys.path:
+    sys.path.insert(0, _HOME)
+
+import KSR  # noqa: E402
+
+from ipsec.module import Module, ModuleError  # noqa: E402
+from ipsec.params import ParamError  # noqa: E402
+from kemi.message import KsrMessage  # noqa: E402
+from kemi.routing import Routing  # noqa: E402
+
+DOMAIN = "location"
+
+
+def mod_init():
+    """Main process, before the fork: read the defines, reconcile kernel and store."""
+    try:
+        module = Module.from_defines(KSR.kx.get_def, log=KSR)
+        module.startup()
+    except (ParamError, ModuleError) as e:
+        KSR.err("ims-ipsec: refusing to start: %s\n" % e)
+        return None
+    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN))
+
+
+class kamailio:
+    """The callbacks Kamailio looks up by name; every one delegates to `Routing`."""
+
+    def __init__(self, routing):
+        self.r = routing
+
+    def child_init(self, rank):
+        return 0
+
+    def ksr_request_route(self, msg):
+        return self.r.request(KsrMessage())
+
+    def ksr_reply_route(self, msg):
+        return 1
+
+    def ksr_register_reply(self, msg):
+        return self.r.register_reply(KsrMessage())
+
+    def ksr_phone_reply(self, msg):
+        return self.r.reply_to_phone(KsrMessage())
+
+    def ksr_failure(self, msg):
+        return 1
+
+    def ksr_ipsec_sweep(self, msg, evname=None):
+        self.r.sweep()
+        return 1

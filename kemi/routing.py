@@ -1,0 +1,142 @@
+"""The P-CSCF's routing decisions, written against KSR like an operator's KEMI script.
+
+This is the flow of the C module's example P-CSCF configurations, with the IPsec calls of
+`ipsec.module`: initial REGISTER (contact pending, Path, relay), 401 (`ipsec_create`), protected
+REGISTER (Security-Verify checked), 200 OK (`ipsec_forward`), calls both ways, de-registration
+and the expiry sweep. Every failure answers with a SIP error and logs why.
+"""
+from __future__ import annotations
+
+import KSR
+
+from ipsec.module import Module
+from ipsec.sipuri import SipUriError, parse_uri
+
+# Option tags and headers the P-CSCF consumes: the core must not see the phone's sec-agree.
+SEC_AGREE_HEADERS = ("Security-Client", "Security-Verify")
+
+
+class Routing:
+    def __init__(self, module: Module, get_def, domain: str) -> None:
+        self.m = module
+        self.domain = domain
+        self.pcscf_ip = (get_def("PCSCF_IP") or "127.0.0.1").strip('"')
+        self.next_hop = (get_def("NEXT_HOP") or "").strip('"')
+        try:
+            self.next_hop_host = parse_uri(self.next_hop).host
+        except SipUriError:
+            self.next_hop_host = ""
+
+    # -- requests -------------------------------------------------------------------------
+    def request(self, msg) -> int:
+        if KSR.maxfwd.process_maxfwd(10) < 0:
+            KSR.sl.sl_send_reply(483, "Too Many Hops")
+            return 1
+        method = msg.method()
+        if method == "OPTIONS" and not KSR.pv.get("$rU") and KSR.is_myself_ruri() > 0:
+            KSR.sl.sl_send_reply(200, "OK")
+            return 1
+        if method == "CANCEL" or (method == "ACK" and KSR.tm.t_check_trans() > 0):
+            KSR.tm.t_relay()  # follows its transaction (INVITE's destination and socket)
+            return 1
+        if self.m.is_protected(msg):
+            return self._from_phone(msg, method)
+        if method == "REGISTER":
+            return self._unprotected_register(msg)
+        if msg.source().host == self.next_hop_host:
+            return self._to_phone(msg)
+        KSR.info("ims-ipsec: %s from %s refused: not protected and not from the core\n"
+                 % (method, msg.source().host))
+        KSR.sl.sl_send_reply(403, "Forbidden - Use Protected Port")
+        return 1
+
+    def _unprotected_register(self, msg) -> int:
+        if not msg.header("Security-Client"):
+            KSR.hdr.append_to_reply("Require: sec-agree\r\n")
+            KSR.sl.sl_send_reply(421, "Extension Required")
+            return 1
+        if self.m.save_pending(msg, self.domain) < 0:
+            KSR.sl.sl_send_reply(400, "Bad Request - Contact")
+            return 1
+        return self._relay_register(msg)
+
+    def _from_phone(self, msg, method: str) -> int:
+        if self.m.check_security_verify(msg, required=(method == "REGISTER")) < 0:
+            KSR.sl.sl_send_reply(403, "Forbidden - Security-Verify mismatch")
+            return 1
+        if self.m.ipsec_forward(msg, self.domain) < 0:  # replies to the phone: through its SAs
+            KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")
+            return 1
+        if method == "REGISTER":
+            return self._relay_register(msg)
+        if KSR.siputils.has_totag() > 0:
+            if KSR.rr.loose_route() < 0:
+                KSR.sl.sl_send_reply(404, "Not Here")
+                return 1
+        else:
+            contact = self.m.tunnel_contact(msg)
+            KSR.rr.record_route_preset("sip:%s:5060;lr" % self.pcscf_ip,
+                                       self.m.phone_facing_rr(contact, msg.source().proto))
+            KSR.setdsturi(self.next_hop)
+        self._strip_sec_agree(msg)
+        return self._relay()
+
+    def _relay_register(self, msg) -> int:
+        self._strip_sec_agree(msg)
+        KSR.path.add_path()
+        KSR.tm.t_on_reply("ksr_register_reply")
+        KSR.setdsturi(self.next_hop)
+        return self._relay()
+
+    def _to_phone(self, msg) -> int:
+        if KSR.siputils.has_totag() > 0 or KSR.hdr.is_present("Route") > 0:
+            KSR.rr.loose_route()
+        if KSR.siputils.has_totag() < 0 and msg.method() != "ACK":
+            contact = self.m.contact_for_request(msg)
+            if contact is not None and contact.tunnel is not None:
+                KSR.rr.record_route_preset(self.m.phone_facing_rr(contact, contact.received.proto),
+                                           "sip:%s:5060;lr" % self.pcscf_ip)
+        if self.m.ipsec_forward(msg, self.domain) < 0:
+            KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
+            return 1
+        KSR.tm.t_on_reply("ksr_phone_reply")
+        return self._relay()
+
+    def _relay(self) -> int:
+        if KSR.tm.t_relay() < 0:
+            KSR.sl.sl_reply_error()
+        return 1
+
+    def _strip_sec_agree(self, msg) -> None:
+        for name in SEC_AGREE_HEADERS:
+            msg.remove_header(name)
+        for name in ("Require", "Proxy-Require"):
+            value = msg.header(name)
+            if value is None:
+                continue
+            kept = [t.strip() for t in value.split(",") if t.strip() and t.strip().lower() != "sec-agree"]
+            msg.remove_header(name)
+            if kept:
+                msg.append_header(name, ", ".join(kept))
+
+    # -- replies --------------------------------------------------------------------------
+    def register_reply(self, msg) -> int:
+        status = msg.status()
+        if status == 401:
+            if self.m.ipsec_create(msg, self.domain) < 0:
+                # No tunnel, no challenge: the keys never reach the phone and it retries later.
+                KSR.hdr.remove("WWW-Authenticate")
+                KSR.textopsx.change_reply_status(503, "Service Unavailable")
+            return 1
+        if status is not None and 200 <= status < 300:
+            self.m.save(msg, self.domain)
+            self.m.ipsec_forward(msg, self.domain)
+            if self.m.is_deregistration(msg):
+                self.m.ipsec_destroy(msg, self.domain)
+        return 1
+
+    def reply_to_phone(self, msg) -> int:
+        return 1
+
+    def sweep(self) -> None:
+        self.m.sweep()
