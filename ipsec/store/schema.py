@@ -1,0 +1,117 @@
+"""The SQLite file: creation with mode 0600, WAL, the schema and its version.
+
+Kept apart from the queries so a schema change is one diff in one place, with its version.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable
+
+from ipsec.store.records import SchemaMismatch, StoreError
+
+VERSION = 1
+
+# Every SPI we hold appears once in `spis` (its PRIMARY KEY is the database's own proof that
+# no SPI is leased twice, whichever column of `tunnels` holds it). A `tunnels` row is a lease;
+# its phone-side columns stay NULL until the SAs are installed and attached to a contact.
+DDL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE tunnels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    spi_pc INTEGER NOT NULL UNIQUE,
+    spi_ps INTEGER NOT NULL UNIQUE,
+    port_pc INTEGER NOT NULL,
+    port_ps INTEGER NOT NULL,
+    port_index INTEGER NOT NULL,
+    lease_host TEXT,
+    leased_at REAL NOT NULL,
+    ue_host TEXT, spi_uc INTEGER, spi_us INTEGER, port_uc INTEGER, port_us INTEGER,
+    alg TEXT, ealg TEXT, pcscf_host TEXT, keys_digest BLOB, offer TEXT, security_server TEXT
+);
+CREATE INDEX tunnels_lease_host ON tunnels (lease_host);
+CREATE INDEX tunnels_ue_uc ON tunnels (ue_host, port_uc);
+CREATE INDEX tunnels_ue_us ON tunnels (ue_host, port_us);
+CREATE TABLE spis (
+    spi INTEGER PRIMARY KEY,
+    tunnel_id INTEGER NOT NULL REFERENCES tunnels (id) ON DELETE CASCADE
+);
+CREATE INDEX spis_tunnel ON spis (tunnel_id);
+CREATE TABLE contacts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    aor TEXT NOT NULL,
+    uri TEXT NOT NULL,
+    contact_host TEXT NOT NULL, contact_port INTEGER NOT NULL,
+    via_host TEXT NOT NULL, via_port INTEGER NOT NULL, via_proto TEXT NOT NULL,
+    received_host TEXT NOT NULL, received_port INTEGER NOT NULL, received_proto TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'registered')),
+    expires REAL NOT NULL,
+    tunnel_id INTEGER REFERENCES tunnels (id) ON DELETE SET NULL,
+    UNIQUE (aor, received_host, received_port, received_proto)
+);
+CREATE INDEX contacts_received ON contacts (received_host, received_port);
+CREATE INDEX contacts_contact ON contacts (contact_host, contact_port);
+CREATE INDEX contacts_expires ON contacts (expires);
+CREATE INDEX contacts_tunnel ON contacts (tunnel_id);
+"""
+
+
+def create_file(path: str) -> None:
+    """Create the file 0600 before SQLite does: it holds who is registered where.
+
+    SQLite gives its -wal and -shm files the database file's mode, so they follow.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+
+
+def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """One process's connection: autocommit (we BEGIN ourselves), WAL, waits instead of failing."""
+    create_file(path)
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    mode = _retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL").fetchone()[0],
+                         busy_timeout)
+    if mode != "wal":
+        db.close()
+        raise StoreError(f"store {path}: cannot use WAL (journal mode stays {mode!r})")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+def ensure_schema(db: sqlite3.Connection, spi_start: int) -> None:
+    """Create the schema on first use, in one transaction, so racing workers create it once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+            for statement in DDL.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+                ("schema_version", VERSION),
+                ("secret", secrets.token_bytes(32)),
+                ("next_spi", spi_start),
+                ("next_port", 0),
+            ])
+        version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if version is None or version[0] != VERSION:
+            raise SchemaMismatch(f"store schema version {version and version[0]}, "
+                                 f"this code knows {VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _retry_locked(call: Callable[[], str], timeout: float) -> str:
+    """Switching to WAL takes a lock the busy handler does not always wait for: retry it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

@@ -1,0 +1,432 @@
+"""The shared state of all Kamailio workers: SPI/port leases, contacts and their tunnels.
+
+Kamailio forks workers that share no Python memory, yet two of them must never hand out the
+same SPI, and a request in one worker must find the tunnel another worker built. So the state
+lives in one SQLite file (WAL): each process opens its own connection lazily, after the fork,
+and every change that touches more than one row is one `BEGIN IMMEDIATE` transaction, which
+serialises writers across processes and leaves nothing half-done if a process dies.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from ipsec.sipuri import Address, alias_target, normalize_host, parse_uri, uri_target
+from ipsec.store import schema
+from ipsec.store.records import (PENDING, REGISTERED, Contact, Lease, NotLeased, SpiExhausted,
+                                 StoreError, Tunnel, UeSide, UnknownContact)
+
+# Connections inherited across a fork are kept referenced, never closed or used: closing one
+# in the child could disturb the parent's locks and WAL (SQLite forbids using it there).
+_inherited: list[sqlite3.Connection] = []
+
+_SCAN_WINDOW = 512  # SPIs examined per query when looking for a free pair
+
+_CONTACT_COLUMNS = """
+    c.id, c.aor, c.uri, c.via_host, c.via_port, c.via_proto,
+    c.received_host, c.received_port, c.received_proto, c.state, c.expires"""
+_TUNNEL_COLUMNS = """
+    t.spi_pc, t.spi_ps, t.port_pc, t.port_ps, t.ue_host, t.spi_uc, t.spi_us, t.port_uc,
+    t.port_us, t.alg, t.ealg, t.pcscf_host, t.keys_digest, t.offer, t.security_server"""
+_CONTACT_SELECT = f"""
+    SELECT {_CONTACT_COLUMNS}, {_TUNNEL_COLUMNS}
+    FROM contacts c LEFT JOIN tunnels t ON t.id = c.tunnel_id"""
+
+
+class Store:
+    """One process's door to the shared state file; create it anywhere, use it after fork.
+
+    SPIs are leased in pairs (spi_pc, spi_ps = spi_pc + 1) from [spi_start, spi_start +
+    spi_range), so a range of N SPIs serves N // 2 phones. Ports come in pairs of one index
+    (client_port + i, server_port + i), i in [0, max_connections), shared by many phones.
+    """
+
+    def __init__(self, path: str, *, spi_start: int, spi_range: int, client_port: int,
+                 server_port: int, max_connections: int, pending_lifetime: float = 240.0,
+                 busy_timeout: float = 30.0) -> None:
+        if spi_start < 1 or spi_range < 2 or spi_start + spi_range - 1 > 0xFFFFFFFF:
+            raise StoreError(f"SPI range [{spi_start}, {spi_start + spi_range}) is not usable")
+        if max_connections < 1 or max(client_port, server_port) + max_connections > 65536:
+            raise StoreError("protected port ranges do not fit in 1..65535")
+        self.path = path
+        self.spi_start = spi_start
+        self.spi_last_pair = spi_start + (spi_range // 2 - 1) * 2
+        self.client_port = client_port
+        self.server_port = server_port
+        self.max_connections = max_connections
+        self.pending_lifetime = pending_lifetime
+        self.busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._secret = b""
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        """This process's connection, opened on first use and again in a forked child."""
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        self._drop_inherited()
+        conn = schema.connect(self.path, self.busy_timeout)
+        try:
+            schema.ensure_schema(conn, self.spi_start)
+            self._secret = conn.execute("SELECT value FROM meta WHERE key = 'secret'").fetchone()[0]
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def _drop_inherited(self) -> None:
+        if self._conn is not None and self._pid != os.getpid():
+            _inherited.append(self._conn)
+        self._conn = None
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; IMMEDIATE takes the write lock up front, so two workers
+        never both read the same free SPI and then race to write it."""
+        with _sqlite_errors(self.path):
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with _sqlite_errors(self.path):
+            return self._db().execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        """Close this process's connection (a later call reopens it). Calling it in the main
+        process before Kamailio forks keeps the children from inheriting an open one."""
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+            self._conn = None
+        self._drop_inherited()
+
+    def keys_digest(self, ck: bytes, ik: bytes) -> bytes:
+        """Keyed digest of CK||IK: lets re-registration compare keys without storing them."""
+        with _sqlite_errors(self.path):
+            self._db()
+        return hmac.new(self._secret, ck + ik, hashlib.sha256).digest()
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def lease(self, ue_host: str | None = None, avoid: Iterable[int] = ()) -> Lease:
+        """Lease a free SPI pair and the next port pair, for a phone at `ue_host` if known.
+
+        The search starts after the last pair handed out, so a just-released SPI is the last
+        to come back. SPIs in `avoid` are skipped: when the kernel refuses a lease's SA as a
+        duplicate, release the lease and lease again avoiding those SPIs. With a `ue_host`,
+        port pairs its existing tunnels use are skipped while another is free, so its old and
+        new SAs never share selectors.
+        """
+        host = normalize_host(ue_host) if ue_host else None
+        avoided = frozenset(avoid)
+        with self._tx() as db:
+            spi_pc = self._free_pair(db, self._meta(db, "next_spi"), avoided)
+            index = self._port_index(db, host)
+            lease = Lease(spi_pc, spi_pc + 1, self.client_port + index, self.server_port + index)
+            tunnel_id = db.execute(
+                "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, lease_host,"
+                " leased_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, host,
+                 time.time())).lastrowid
+            db.executemany("INSERT INTO spis (spi, tunnel_id) VALUES (?, ?)",
+                           [(lease.spi_pc, tunnel_id), (lease.spi_ps, tunnel_id)])
+            self._set_meta(db, "next_spi", self._next_pair(spi_pc))
+            self._set_meta(db, "next_port", (index + 1) % self.max_connections)
+        return lease
+
+    def _free_pair(self, db: sqlite3.Connection, cursor: int, avoid: frozenset[int]) -> int:
+        """First free pair from the cursor on, wrapping once around the range."""
+        if not self.spi_start <= cursor <= self.spi_last_pair:
+            cursor = self.spi_start
+        cursor -= (cursor - self.spi_start) % 2
+        for low, high in ((cursor, self.spi_last_pair), (self.spi_start, cursor - 2)):
+            for first in range(low, high + 1, _SCAN_WINDOW):
+                last = min(first + _SCAN_WINDOW - 2, high)
+                used = {row[0] for row in db.execute(
+                    "SELECT spi FROM spis WHERE spi BETWEEN ? AND ?", (first, last + 1))}
+                for spi in range(first, last + 1, 2):
+                    if not used & {spi, spi + 1} and not avoid & {spi, spi + 1}:
+                        return spi
+        raise SpiExhausted(f"all {(self.spi_last_pair - self.spi_start) // 2 + 1} SPI pairs "
+                           f"from {self.spi_start} are leased or avoided")
+
+    def _next_pair(self, spi_pc: int) -> int:
+        return spi_pc + 2 if spi_pc < self.spi_last_pair else self.spi_start
+
+    def _port_index(self, db: sqlite3.Connection, host: str | None) -> int:
+        start = self._meta(db, "next_port") % self.max_connections
+        busy: set[int] = set()
+        if host is not None and self.max_connections > 1:
+            busy = {row[0] for row in db.execute(
+                "SELECT port_index FROM tunnels WHERE lease_host = ?", (host,))}
+        for step in range(self.max_connections):
+            index = (start + step) % self.max_connections
+            if index not in busy:
+                return index
+        return start
+
+    def release(self, lease: Lease | int) -> bool:
+        """Give back a lease (or the lease holding this SPI); False if it was not leased.
+
+        Contacts still pointing at its tunnel lose it in the same transaction.
+        """
+        spi = lease.spi_pc if isinstance(lease, Lease) else lease
+        with self._tx() as db:
+            return db.execute("DELETE FROM tunnels WHERE id = "
+                              "(SELECT tunnel_id FROM spis WHERE spi = ?)", (spi,)).rowcount > 0
+
+    def live_tunnels(self) -> list[Tunnel]:
+        """Tunnels some contact uses: what the kernel should hold after a restart."""
+        rows = self._query(
+            f"SELECT {_TUNNEL_COLUMNS} FROM tunnels t WHERE t.ue_host IS NOT NULL AND EXISTS "
+            "(SELECT 1 FROM contacts c WHERE c.tunnel_id = t.id) ORDER BY t.id")
+        return [_tunnel(row) for row in rows]
+
+    def stale_leases(self, older_than: float, now: float | None = None) -> list[Tunnel | Lease]:
+        """Leases no contact uses, taken more than `older_than` seconds ago.
+
+        They are left by a worker that died between leasing and attaching, or between
+        replacing a tunnel and releasing the old one. A Tunnel carries what removing its SAs
+        needs (do that before `release`); a bare Lease was never attached, so SAs a dead
+        worker may have half-installed for it are known only by our SPIs, or to the startup
+        reconciliation by marker.
+        """
+        cutoff = (time.time() if now is None else now) - older_than
+        rows = self._query(
+            f"SELECT {_TUNNEL_COLUMNS} FROM tunnels t WHERE t.leased_at <= ? AND NOT EXISTS "
+            "(SELECT 1 FROM contacts c WHERE c.tunnel_id = t.id) ORDER BY t.id", (cutoff,))
+        return [_tunnel_or_lease(row) for row in rows]
+
+    def reset_leases_if_empty(self) -> list[Tunnel | Lease]:
+        """With no contact left, release every lease (the C module's ipsec_reconfig).
+
+        Returns what was released so the caller can remove any SAs still in the kernel. The
+        rotation cursor is kept: the next lease still avoids recently used SPIs.
+        """
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM contacts LIMIT 1").fetchone() is not None:
+                return []
+            rows = db.execute(f"SELECT {_TUNNEL_COLUMNS} FROM tunnels t ORDER BY t.id")
+            released = [_tunnel_or_lease(row) for row in rows]
+            db.execute("DELETE FROM tunnels")
+        return released
+
+    # -- contacts ---------------------------------------------------------------------------
+
+    def save_pending(self, aor: str, uri: str, via: Address, received: Address) -> Contact:
+        """Record a REGISTER before its 200 OK (pcscf_save_pending), or refresh its contact.
+
+        A contact is identified by (aor, received address): where its unprotected REGISTER
+        came from, or one of its tunnel's phone ports on that host, which is where a
+        re-REGISTER comes from. A registered contact stays registered until its own expiry.
+        """
+        target = uri_target(parse_uri(uri))
+        with self._tx() as db:
+            found = db.execute(
+                "SELECT c.id, c.state FROM contacts c LEFT JOIN tunnels t ON t.id = c.tunnel_id"
+                " WHERE c.aor = ? AND ((c.received_host = ? AND c.received_port = ?"
+                " AND c.received_proto = ?) OR (t.ue_host = ? AND ? IN (t.port_uc, t.port_us)))"
+                " ORDER BY c.id DESC LIMIT 1",
+                (aor, received.host, received.port, received.proto, received.host,
+                 received.port)).fetchone()
+            pending_until = time.time() + self.pending_lifetime
+            if found is None:
+                contact_id = db.execute(
+                    "INSERT INTO contacts (aor, uri, contact_host, contact_port, via_host,"
+                    " via_port, via_proto, received_host, received_port, received_proto, state,"
+                    " expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (aor, uri, target.host, target.port, via.host, via.port, via.proto,
+                     received.host, received.port, received.proto, PENDING,
+                     pending_until)).lastrowid
+            else:
+                contact_id = found[0]
+                db.execute(
+                    "UPDATE contacts SET uri = ?, contact_host = ?, contact_port = ?, via_host = ?,"
+                    " via_port = ?, via_proto = ?, expires = CASE WHEN state = ? THEN ?"
+                    " ELSE expires END WHERE id = ?",
+                    (uri, target.host, target.port, via.host, via.port, via.proto, PENDING,
+                     pending_until, contact_id))
+            return self._get(db, contact_id)
+
+    def set_registered(self, contact_id: int, expires: float) -> Contact:
+        """The 200 OK to REGISTER went out: registered until `expires` (epoch seconds)."""
+        with self._tx() as db:
+            if db.execute("UPDATE contacts SET state = ?, expires = ? WHERE id = ?",
+                          (REGISTERED, expires, contact_id)).rowcount == 0:
+                raise UnknownContact(f"contact {contact_id}")
+            return self._get(db, contact_id)
+
+    def set_tunnel(self, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
+        """Attach installed SAs (on a lease we hold) to a contact, in one transaction.
+
+        Returns the tunnel it replaces, still leased: remove its SAs once the new ones are in
+        place, then `release` it. None for a first tunnel or when re-attaching the same one.
+        """
+        lease = tunnel.lease
+        with self._tx() as db:
+            row = db.execute("SELECT id, spi_ps, port_pc, port_ps FROM tunnels WHERE spi_pc = ?",
+                             (lease.spi_pc,)).fetchone()
+            if row is None or tuple(row[1:]) != (lease.spi_ps, lease.port_pc, lease.port_ps):
+                raise NotLeased(f"{lease} is not leased")
+            old = self._get(db, contact_id).tunnel
+            ue = tunnel.ue
+            db.execute(
+                "UPDATE tunnels SET lease_host = ?, ue_host = ?, spi_uc = ?, spi_us = ?,"
+                " port_uc = ?, port_us = ?, alg = ?, ealg = ?, pcscf_host = ?, keys_digest = ?,"
+                " offer = ?, security_server = ? WHERE id = ?",
+                (ue.host, ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, tunnel.alg,
+                 tunnel.ealg, tunnel.pcscf_host, tunnel.keys_digest,
+                 tunnel.offer, tunnel.security_server, row[0]))
+            db.execute("UPDATE contacts SET tunnel_id = ? WHERE id = ?", (row[0], contact_id))
+        return old if old is not None and old.lease != lease else None
+
+    def delete_contact(self, contact_id: int) -> Tunnel | None:
+        """Forget a contact; returns its tunnel if no other contact uses it.
+
+        The tunnel stays leased: remove its SAs (after the last reply has left through them),
+        then `release` it. Deleting a missing contact returns None, as racing sweeps may.
+        """
+        with self._tx() as db:
+            try:
+                tunnel = self._get(db, contact_id).tunnel
+            except UnknownContact:
+                return None
+            db.execute("DELETE FROM contacts WHERE id = ?", (contact_id,))
+            if tunnel is None or db.execute(
+                    "SELECT 1 FROM contacts c JOIN tunnels t ON t.id = c.tunnel_id"
+                    " WHERE t.spi_pc = ?", (tunnel.lease.spi_pc,)).fetchone():
+                return None
+            return tunnel
+
+    def get_contact(self, contact_id: int) -> Contact | None:
+        found = self._contacts("c.id = ?", (contact_id,), order="c.id")
+        return found[0] if found else None
+
+    def expired(self, now: float, grace: float) -> list[Contact]:
+        """Contacts to tear down: registered ones `grace` seconds past their expiry (the SAs
+        outlive the registration a little, as 33.203 asks), pending ones at their end."""
+        return self._contacts(
+            "(c.state = ? AND c.expires <= ?) OR (c.state = ? AND c.expires <= ?)",
+            (REGISTERED, now - grace, PENDING, now), order="c.expires, c.id")
+
+    # -- look-ups: one per rule of the module functions ---------------------------------------
+
+    def find_by_uri(self, uri: str, *, use_alias: bool = True,
+                    newest_first: bool = True) -> Contact | None:
+        """The contact a request is addressed to (R-URI, destination URI or new R-URI).
+
+        With an `alias=ip~port~proto` parameter (and `use_alias`), the phone is where the alias
+        says: its received address, or its contact port on that host. Without, the URI's own
+        host and port are the contact URI's, or a received address. Callers fall back to
+        `find_by_source` / `find_by_received` with the message's source when this finds none.
+        """
+        parsed = parse_uri(uri)
+        alias = alias_target(parsed) if use_alias else None
+        if alias is not None:
+            return self._first(
+                "c.received_host = ? AND ? IN (c.received_port, c.contact_port)",
+                (alias.host, alias.port), newest_first)
+        target = uri_target(parsed)
+        return self._first(
+            "(c.contact_host = ? AND c.contact_port = ?) OR (c.received_host = ?"
+            " AND c.received_port = ?)", (target.host, target.port) * 2, newest_first)
+
+    def find_by_source(self, host: str, port: int, *,
+                       newest_first: bool = True) -> Contact | None:
+        """The contact whose tunnel a request came through: from one of the phone's protected
+        ports (port_uc or port_us) on its address. Either transport: the SAs carry both."""
+        host = normalize_host(host)
+        return self._first(
+            "c.tunnel_id IN (SELECT id FROM tunnels WHERE ue_host = ?"
+            " AND ? IN (port_uc, port_us))", (host, port), newest_first)
+
+    def find_by_received(self, received: Address, *,
+                         newest_first: bool = True) -> Contact | None:
+        """The contact whose unprotected REGISTER came from this address (ipsec_create finds
+        the pending contact through the 401's transaction request this way)."""
+        return self._first(
+            "c.received_host = ? AND c.received_port = ? AND c.received_proto = ?",
+            (received.host, received.port, received.proto), newest_first)
+
+    def find_by_aor_received(self, aor: str, host: str, port: int, *,
+                             newest_first: bool = True) -> Contact | None:
+        """ipsec_destroy_by_contact(domain, aor, recv_host, recv_port): `aor` may be the AoR
+        or the contact URI (the C registry keys contacts by the latter)."""
+        return self._first(
+            "(c.aor = ? OR c.uri = ?) AND c.received_host = ? AND c.received_port = ?",
+            (aor, aor, normalize_host(host), port), newest_first)
+
+    def find_by_aor(self, aor: str) -> list[Contact]:
+        """Every contact of an AoR (or with this contact URI), oldest first: ipsec_destroy."""
+        return self._contacts("c.aor = ? OR c.uri = ?", (aor, aor), order="c.id")
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _first(self, where: str, args: tuple, newest_first: bool) -> Contact | None:
+        order = "c.id DESC" if newest_first else "c.id"
+        found = self._contacts(where, args, order=order, limit=1)
+        return found[0] if found else None
+
+    def _contacts(self, where: str, args: tuple, *, order: str,
+                  limit: int | None = None) -> list[Contact]:
+        sql = f"{_CONTACT_SELECT} WHERE {where} ORDER BY {order}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [_contact(row) for row in self._query(sql, args)]
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, contact_id: int) -> Contact:
+        row = db.execute(f"{_CONTACT_SELECT} WHERE c.id = ?", (contact_id,)).fetchone()
+        if row is None:
+            raise UnknownContact(f"contact {contact_id}")
+        return _contact(row)
+
+    @staticmethod
+    def _meta(db: sqlite3.Connection, key: str) -> int:
+        return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+
+    @staticmethod
+    def _set_meta(db: sqlite3.Connection, key: str, value: int) -> None:
+        db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+
+
+@contextmanager
+def _sqlite_errors(path: str) -> Iterator[None]:
+    """SQLite and file errors (locked past the busy timeout, disk full, bad path) become
+    StoreError, so callers handle one family of our failures."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        raise StoreError(f"store {path}: {exc}") from exc
+
+
+def _contact(row: tuple) -> Contact:
+    tunnel = _tunnel(row[11:]) if row[15] is not None else None
+    return Contact(id=row[0], aor=row[1], uri=row[2], via=Address(row[3], row[4], row[5]),
+                   received=Address(row[6], row[7], row[8]), state=row[9], expires=row[10],
+                   tunnel=tunnel)
+
+
+def _tunnel(row: tuple) -> Tunnel:
+    (spi_pc, spi_ps, port_pc, port_ps, ue_host, spi_uc, spi_us, port_uc, port_us, alg, ealg,
+     pcscf_host, digest, offer, security_server) = row
+    return Tunnel(Lease(spi_pc, spi_ps, port_pc, port_ps),
+                  UeSide(ue_host, spi_uc, spi_us, port_uc, port_us), alg, ealg, pcscf_host,
+                  bytes(digest), offer, security_server)
+
+
+def _tunnel_or_lease(row: tuple) -> Tunnel | Lease:
+    return _tunnel(row) if row[4] is not None else Lease(*row[:4])
