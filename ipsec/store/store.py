@@ -234,6 +234,7 @@ class Store:
         re-REGISTER comes from. A registered contact stays registered until its own expiry.
         """
         target = uri_target(parse_uri(uri))
+        via, received = _address(via), _address(received)
         with self._tx() as db:
             found = db.execute(
                 "SELECT c.id, c.state FROM contacts c LEFT JOIN tunnels t ON t.id = c.tunnel_id"
@@ -357,6 +358,7 @@ class Store:
                          newest_first: bool = True) -> Contact | None:
         """The contact whose unprotected REGISTER came from this address (ipsec_create finds
         the pending contact through the 401's transaction request this way)."""
+        received = _address(received)
         return self._first(
             "c.received_host = ? AND c.received_port = ? AND c.received_proto = ?",
             (received.host, received.port, received.proto), newest_first)
@@ -411,6 +413,11 @@ def _sqlite_errors(path: str) -> Iterator[None]:
         yield
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"store {path}: {exc}") from exc
+
+
+def _address(addr: Address) -> Address:
+    """Accept any host/port/proto object, compared in the store's one spelling of hosts."""
+    return Address(addr.host, addr.port, addr.proto)
 
 
 def _contact(row: tuple) -> Contact:

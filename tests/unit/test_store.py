@@ -348,6 +348,15 @@ def test_find_by_uri_compares_ipv6_in_any_spelling(store):
     assert store.find_by_uri("sip:a@x;alias=[2001:db8::1]~5060~1").id == c.id
 
 
+def test_addresses_of_any_type_and_spelling_match(store):
+    class Source:  # what a message object hands over: not our Address, host in brackets
+        host, port, proto = "[2001:DB8::5]", 5060, "UDP"
+
+    c = store.save_pending("sip:eve@ims", "sip:eve@[2001:db8::5]", Source(), Source())
+    assert c.received == Address("2001:db8::5", 5060, "udp")
+    assert store.find_by_received(Source()).id == c.id
+
+
 def test_find_by_source_matches_only_the_phones_protected_ports(store):
     c = registered_with_tunnel(store, port_uc=6100, port_us=6200)
     assert store.find_by_source("10.0.0.1", 6100).id == c.id
