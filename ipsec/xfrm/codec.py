@@ -64,6 +64,9 @@ class Request(NamedTuple):
     flags: int
     body: bytes
 
+    def __repr__(self) -> str:  # the body of an SA request holds its keys
+        return f"Request({self.op} {self.what}, type={self.type}, {len(self.body)} bytes)"
+
 
 def pack_addr(addr: str) -> bytes:
     return socket.inet_pton(family_of(addr), addr)

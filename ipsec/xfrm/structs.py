@@ -172,14 +172,14 @@ class xfrm_replay_state(xfrm_struct):
 
 
 class _struct_nla(nla):
-    """An attribute whose payload is one embedded struct (pyroute2 decodes it as field 'value')."""
+    """An attribute whose payload is one struct: the attribute takes the struct's fields."""
 
     __slots__ = ()
     payload: type[xfrm_struct] = xfrm_struct
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.fields = (("value", cls.payload),)
+        cls.fields = cls.payload.fields
 
 
 class xfrm_attrs:
