@@ -18,8 +18,6 @@ from typing import Any
 
 from pyroute2.netlink import NETLINK_XFRM, nla, nlmsg
 
-__all__ = ["NETLINK_XFRM"]
-
 XFRM_MSG_NEWSA = 0x10
 XFRM_MSG_DELSA = 0x11
 XFRM_MSG_GETSA = 0x12
@@ -160,7 +158,13 @@ class xfrm_user_tmpl(xfrm_struct):
 
 
 class xfrm_userpolicy_type(xfrm_struct):
-    fields = (("type", "B"), ("reserved1", "H"), ("reserved2", "B"))
+    fields = (
+        ("type", "B"),
+        ("__pad1", "x"),
+        ("reserved1", "H"),
+        ("reserved2", "B"),
+        ("__pad2", "x"),
+    )
 
 
 class xfrm_mark(xfrm_struct):

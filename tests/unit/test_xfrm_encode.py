@@ -49,7 +49,7 @@ KERNEL_SIZES = {
     k.xfrm_usersa_id: 24,
     k.xfrm_userpolicy_info: 168,
     k.xfrm_userpolicy_id: 64,
-    k.xfrm_userpolicy_type: 4,  # packed here without the trailing pad the kernel adds
+    k.xfrm_userpolicy_type: 6,
     k.xfrm_mark: 8,
     k.nlmsghdr: 16,
 }
