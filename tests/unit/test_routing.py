@@ -1,0 +1,273 @@
+"""kemi/routing.py's flows over the KSR double: what goes where, and what never leaves.
+
+Each test drives the routing script with SIP text as a phone or the core would send it and
+checks what Kamailio would do: replies sent, relays (with destination, socket, headers), the
+reply path, the 401/200 as forwarded, and what the kernel and store hold afterwards.
+"""
+from __future__ import annotations
+
+import errno
+import sys
+
+import pytest
+
+import KSR
+from ipsec.sipuri import Address
+from ipsec.xfrm import structs as k
+from scenario import (AOR, CK, CORE, IK, OFFER, PCSCF, PORT_UC, PORT_US, UE, FakeKernel,
+                      challenge, defines, register, reply_to, request, server_param)
+
+SEC_AGREE = ("Security-Client", "Security-Verify")
+
+
+def relayed_headers(relay) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, body in relay.headers:
+        out.setdefault(name.lower(), []).append(body)
+    return out
+
+
+def contact(p, host=UE, port=5060, proto="udp"):
+    return p.module.store.find_by_received(Address(host, port, proto))
+
+
+def protected_register(p, server: str, verify: str | None, *, expires: int = 600, cseq: int = 2):
+    raw = register(security_verify=verify, via=f"{UE}:{PORT_UC}", expires=expires, cseq=cseq)
+    return raw, p.request(raw, source=(UE, PORT_UC, "udp"),
+                          local=(PCSCF, int(server_param(server, "port-s"))))
+
+
+# -- REGISTER --------------------------------------------------------------------------------
+
+def test_register_without_security_client_gets_421(pcscf):
+    rec = pcscf.request(register(security_client=None))
+    assert [(r.code, r.headers) for r in rec.replies] == [(421, (("Require", "sec-agree"),))]
+    assert rec.relays == [] and contact(pcscf) is None
+
+
+def test_unprotected_register_is_saved_pending_and_relayed_without_sec_agree(pcscf):
+    rec = pcscf.request(register())
+    assert rec.replies == []
+    (relay,) = rec.relays
+    assert relay.dst_uri == f"sip:{CORE}:5060" and relay.on_reply == "ksr_register_reply"
+    h = relayed_headers(relay)
+    assert h["path"] == [f"<sip:{PCSCF}:5060;lr>"]
+    assert not any(name.lower() in h for name in SEC_AGREE)
+    assert "require" not in h and "proxy-require" not in h  # sec-agree was their only tag
+    assert h["supported"] == ["path, sec-agree"]
+    assert h["max-forwards"] == ["69"]
+    c = contact(pcscf)
+    assert (c.aor, c.state, c.tunnel) == (AOR, "pending", None)
+
+
+def test_other_require_tags_survive_the_strip(pcscf):
+    raw = register().replace("Require: sec-agree\r\nProxy", "Require: sec-agree, precondition\r\nProxy")
+    (relay,) = pcscf.request(raw).relays
+    assert relayed_headers(relay)["require"] == ["precondition"]
+
+
+def test_register_without_contact_gets_400(pcscf):
+    raw = register().replace(f"Contact: <sip:alice@{UE}:5060>;expires=600\r\n", "")
+    rec = pcscf.request(raw)
+    assert [r.code for r in rec.replies] == [400] and rec.relays == []
+
+
+def test_401_gets_security_server_and_loses_ck_ik(pcscf):
+    raw = register()
+    (relay,) = pcscf.request(raw).relays
+    rec = pcscf.register_reply(relay, reply_to(raw, 401, "Unauthorized",
+                                               (f"WWW-Authenticate: {challenge()}",)))
+    assert rec.reply_status is None
+    (server,) = rec.values("Security-Server")
+    assert server_param(server, "port-s") == "5200" and len(pcscf.kernel.sas) == 4
+    (www,) = rec.values("WWW-Authenticate")
+    assert CK not in www and IK not in www and "ck=" not in www and "nonce" in www
+    assert rec.values("Supported") == ["sec-agree"]
+    assert contact(pcscf).tunnel.security_server == server
+
+
+def test_401_becomes_503_without_challenge_when_create_fails(pcscf):
+    pcscf.kernel.refuse = lambda r: errno.EINVAL if r.type == k.XFRM_MSG_NEWSA else None
+    raw = register()
+    (relay,) = pcscf.request(raw).relays
+    rec = pcscf.register_reply(relay, reply_to(raw, 401, "Unauthorized",
+                                               (f"WWW-Authenticate: {challenge()}",)))
+    assert rec.reply_status == (503, "Service Unavailable")
+    assert rec.values("WWW-Authenticate") == [] and rec.values("Security-Server") == []
+    assert pcscf.kernel.sas == {} and CK not in rec.log_text()
+
+
+def test_protected_register_with_matching_verify_is_relayed_and_answered_through_sas(pcscf):
+    server = pcscf.registered()
+    _, rec = protected_register(pcscf, server, server, cseq=5)
+    assert rec.replies == []
+    (relay,) = rec.relays
+    assert (relay.reply_socket, relay.reply_target) == (f"udp:{PCSCF}:5100", f"udp:{UE}:{PORT_US}")
+    assert relay.dst_uri == f"sip:{CORE}:5060"
+    assert not any(name.lower() in relayed_headers(relay) for name in SEC_AGREE)
+
+
+@pytest.mark.parametrize("verify", [None, "ipsec-3gpp;spi-c=1;spi-s=2", "digest"])
+def test_protected_register_with_wrong_or_missing_verify_gets_403(pcscf, verify):
+    server = pcscf.registered()
+    _, rec = protected_register(pcscf, server, verify, cseq=5)
+    assert [r.code for r in rec.replies] == [403] and rec.relays == []
+
+
+def test_200_ok_registers_and_carries_sec_agree(pcscf):
+    server = pcscf.registered()
+    raw, rec = protected_register(pcscf, server, server, expires=300, cseq=5)
+    ok = pcscf.register_reply(rec.relays[0], reply_to(raw, 200, "OK", (
+        f"Contact: <sip:alice@{UE}:5060>;expires=300",)))
+    assert ok.values("Supported") == ["sec-agree"] and ok.values("Require") == ["sec-agree"]
+    c = contact(pcscf)
+    assert c.state == "registered" and c.expires == pytest.approx(pcscf.clock.now + 300, abs=1)
+
+
+def test_deregistration_keeps_the_sas_until_the_sweep_after_the_200(pcscf):
+    server = pcscf.registered()
+    raw, rec = protected_register(pcscf, server, server, expires=0, cseq=5)
+    ok = pcscf.register_reply(rec.relays[0], reply_to(raw, 200, "OK"))
+    assert ok.reply_status is None and ok.values("Require") == ["sec-agree"]
+    assert len(pcscf.kernel.sas) == 4  # the 200 OK leaves through them
+    pcscf.routing.sweep()
+    assert len(pcscf.kernel.sas) == 4
+    pcscf.clock.advance(2)
+    pcscf.routing.sweep()
+    assert pcscf.kernel.sas == {} and pcscf.kernel.policies_by_id == {}
+    assert contact(pcscf) is None
+
+
+# -- calls ----------------------------------------------------------------------------------------
+
+def test_request_to_a_registered_phone_leaves_through_sa3(pcscf):
+    pcscf.registered()
+    rec = pcscf.request(request("INVITE", f"sip:alice@{UE}:5060", via=f"{CORE}:5060"),
+                        source=(CORE, 5060, "udp"))
+    (relay,) = rec.relays
+    assert (relay.dst_uri, relay.send_socket) == (f"sip:{UE}:{PORT_US}", f"udp:{PCSCF}:5100")
+    assert relay.on_reply == "ksr_phone_reply"
+    ((phone_side, core_side),) = relay.record_route
+    assert f"{PCSCF}:5200" in phone_side and f"{PCSCF}:5060" in core_side
+
+
+def test_request_to_an_unregistered_phone_gets_480(pcscf):
+    pcscf.registered()
+    rec = pcscf.request(request("INVITE", "sip:carol@10.0.0.66:5060", via=f"{CORE}:5060"),
+                        source=(CORE, 5060, "udp"))
+    assert [r.code for r in rec.replies] == [480] and rec.relays == []
+
+
+def test_request_from_the_phone_goes_to_the_core_and_its_replies_through_the_sas(pcscf):
+    server = pcscf.registered()
+    raw = request("INVITE", "sip:bob@ims.example", via=f"{UE}:{PORT_UC}",
+                  extra=(f"Security-Verify: {server}", "Require: sec-agree"))
+    rec = pcscf.request(raw, source=(UE, PORT_UC, "udp"), local=(PCSCF, 5200))
+    (relay,) = rec.relays
+    assert relay.dst_uri == f"sip:{CORE}:5060" and relay.send_socket is None
+    assert (relay.reply_socket, relay.reply_target) == (f"udp:{PCSCF}:5100", f"udp:{UE}:{PORT_US}")
+    ((core_side, phone_side),) = relay.record_route
+    assert f"{PCSCF}:5060" in core_side and f"{PCSCF}:5200" in phone_side
+    h = relayed_headers(relay)
+    assert "security-verify" not in h and "require" not in h
+
+
+def test_in_dialog_request_from_the_phone_follows_its_route(pcscf):
+    server = pcscf.registered()
+    raw = request("BYE", "sip:bob@10.0.0.50:5060", via=f"{UE}:{PORT_UC}", to_tag="t1",
+                  extra=(f"Route: <sip:{PCSCF}:5200;lr>, <sip:{CORE}:5060;lr>",))
+    (relay,) = pcscf.request(raw, source=(UE, PORT_UC, "udp"), local=(PCSCF, 5200)).relays
+    assert relay.dst_uri == f"sip:{CORE}:5060;lr" and relay.record_route == ()
+
+
+def test_protected_request_with_wrong_verify_gets_403(pcscf):
+    pcscf.registered()
+    raw = request("INVITE", "sip:bob@ims.example", via=f"{UE}:{PORT_UC}",
+                  extra=("Security-Verify: ipsec-3gpp;spi-c=1",))
+    rec = pcscf.request(raw, source=(UE, PORT_UC, "udp"), local=(PCSCF, 5200))
+    assert [r.code for r in rec.replies] == [403] and rec.relays == []
+
+
+def test_unprotected_request_from_an_unknown_host_gets_403(pcscf):
+    pcscf.registered()
+    rec = pcscf.request(request("INVITE", "sip:bob@ims.example", via="10.0.0.66:5060"),
+                        source=("10.0.0.66", 5060, "udp"))
+    assert [(r.code, r.reason) for r in rec.replies] == [(403, "Forbidden - Use Protected Port")]
+    assert rec.relays == [] and "10.0.0.66" in "".join(rec.logs["info"])
+
+
+def test_unprotected_request_from_the_phone_gets_403(pcscf):
+    pcscf.registered()
+    rec = pcscf.request(request("INVITE", "sip:bob@ims.example", via=f"{UE}:5060"))
+    assert [r.code for r in rec.replies] == [403] and rec.relays == []
+
+
+def test_too_many_hops_gets_483(pcscf):
+    raw = register().replace("Max-Forwards: 70", "Max-Forwards: 0")
+    rec = pcscf.request(raw)
+    assert [r.code for r in rec.replies] == [483] and rec.relays == []
+
+
+def test_options_to_the_pcscf_itself_gets_200(pcscf):
+    rec = pcscf.request(request("OPTIONS", f"sip:{PCSCF}:5060", via="10.0.0.66:5060"),
+                        source=("10.0.0.66", 5060, "udp"))
+    assert [r.code for r in rec.replies] == [200] and rec.relays == []
+
+
+def test_cancel_follows_its_transaction(pcscf):
+    rec = pcscf.request(request("CANCEL", f"sip:alice@{UE}:5060", via=f"{CORE}:5060"),
+                        source=(CORE, 5060, "udp"))
+    assert len(rec.relays) == 1 and rec.replies == []
+
+
+def test_relay_failure_answers_with_an_error(pcscf):
+    KSR._load_request(register())
+    KSR._rec.relay_result = -1
+    from kemi.message import KsrMessage
+    assert pcscf.routing.request(KsrMessage()) == 1
+    assert [r.code for r in KSR._rec.replies] == [500]
+
+
+# -- the KEMI entry points (kemi/pcscf.py) ---------------------------------------------------------
+
+@pytest.fixture
+def script(tmp_path, mocker):
+    """kemi/pcscf.py loaded as Kamailio loads it, with the fake kernel for Xfrm()."""
+    kernel = FakeKernel()
+    mocker.patch("ipsec.module.Xfrm", return_value=kernel)
+    KSR._reset()
+    KSR._defines(defines(str(tmp_path / "s.sqlite")))
+    sys.modules.pop("kemi.pcscf", None)
+    import kemi.pcscf as pcscf_script
+    return pcscf_script, kernel
+
+
+def test_mod_init_refuses_a_bad_parameter_naming_it(script):
+    pcscf_script, _ = script
+    KSR._defines({**defines("/tmp/unused"), "IPSEC_CLIENT_PORT": "70000"})
+    assert pcscf_script.mod_init() is None
+    (line,) = KSR._rec.logs["err"]
+    assert "ipsec_client_port" in line and "70000" in line
+
+
+def test_mod_init_warns_about_reserved_spis_and_flushes_strays(script):
+    pcscf_script, kernel = script
+    KSR._defines({**KSR._defs, "IPSEC_SPI_ID_START": "100"})
+    app = pcscf_script.mod_init()
+    assert app is not None and "RFC 4303" in "".join(KSR._rec.logs["warn"])
+    assert "flushed" in "".join(KSR._rec.logs["info"])
+
+
+def test_callbacks_route_a_register_and_the_timer_sweeps(script):
+    pcscf_script, kernel = script
+    app = pcscf_script.mod_init()
+    KSR._listen(f"udp:{PCSCF}:5060", f"tcp:{PCSCF}:5060")
+    KSR._load_request(register(), (UE, 5060, "udp"))
+    assert app.ksr_request_route(None) == 1 and len(KSR._rec.relays) == 1
+    relay = KSR._rec.relays[0]
+    KSR._load_reply(reply_to(register(), 401, "Unauthorized",
+                             (f"WWW-Authenticate: {challenge()}",)), relay)
+    assert app.ksr_register_reply(None) == 1
+    assert KSR._rec.values("Security-Server") and len(kernel.sas) == 4
+    assert app.ksr_ipsec_sweep(None, "ipsec_sweep") == 1
+    assert app.ksr_reply_route(None) == 1 and app.ksr_failure(None) == 1
