@@ -160,7 +160,7 @@ def register(*, aor: str = AOR, contact: str = f"sip:alice@{UE}:5060", via: str 
              security_verify: str | None = None, expires: int = 600, cseq: int = 1,
              extra: tuple[str, ...] = ()) -> str:
     lines = [
-        f"REGISTER sip:ims.example SIP/2.0",
+        "REGISTER sip:ims.example SIP/2.0",
         f"Via: SIP/2.0/{proto} {via};branch=z9hG4bK-{cseq}",
         "Max-Forwards: 70",
         f"From: <{aor}>;tag=reg{cseq}",

@@ -154,6 +154,7 @@ def test_flag_0x200_udp_and_tcp_protected_sockets_both_exist(pcscf):
     tcp.registered(proto="tcp")
     assert mt(tcp, flags=m.UDP_FALLBACK_TCP) == 1
     assert KSR._rec.send_socket == f"tcp:{PCSCF}:5100" and not KSR._rec.logs["warn"]
+    tcp.module.store.close()
 
 
 # -- replies to the phone ------------------------------------------------------------------------

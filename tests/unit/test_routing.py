@@ -14,7 +14,7 @@ import pytest
 import KSR
 from ipsec.sipuri import Address
 from ipsec.xfrm import structs as k
-from scenario import (AOR, CK, CORE, IK, OFFER, PCSCF, PORT_UC, PORT_US, UE, FakeKernel,
+from scenario import (AOR, CK, CORE, IK, PCSCF, PORT_UC, PORT_US, UE, FakeKernel,
                       challenge, defines, register, reply_to, request, server_param)
 
 SEC_AGREE = ("Security-Client", "Security-Verify")
