@@ -3,7 +3,7 @@
 SYSPY  := /usr/bin/python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PYTEST := $(PY) -m pytest -p no:cacheprovider
+PYTEST := $(PY) -m pytest -p no:cacheprovider --color=no
 STAMP  := .stamp
 
 .PHONY: install test unit kernel bench demo run fuzz clean
@@ -30,12 +30,22 @@ test: install unit kernel
 unit: install
 	$(PYTEST) -q tests/unit
 
+# Real-kernel tests and the end-to-end P-CSCF scenarios, in one boot.
 kernel: install
-	tools/with-esp $(PYTEST) -q tests/kernel
+	tools/with-esp $(PYTEST) -q tests/kernel tests/e2e
 
 bench: install
-	$(PY) -m tools.bench_host
+	$(PY) -m tools.bench_store
 	tools/with-esp $(PY) -m tools.bench_kernel
+
+# A registration and a call through real IPsec, narrated (User-mode Linux when needed).
+demo: install
+	tools/with-esp $(PY) -m tools.demo
+
+# The P-CSCF on this host, in the foreground, for real deployments: defines as make
+# variables or in the environment, e.g. make run PCSCF_IP=10.0.0.1 NEXT_HOP='"sip:10.0.0.2"'
+run: install
+	tools/run-pcscf
 
 fuzz: install
 	$(PY) -m tests.fuzz_secagree

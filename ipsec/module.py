@@ -19,7 +19,7 @@ from .algorithms import AlgorithmError, EspAlgs
 from .params import Params
 from .sipuri import Address, SipUriError, parse_uri
 from .store import Contact, Lease, Store, StoreError, Tunnel, UeSide, keep_tunnel
-from .xfrm import Xfrm, XfrmError, XfrmExists
+from .xfrm import SA, Xfrm, XfrmError, XfrmExists
 
 # ipsec_create flags
 CREATE_DELETE_UNUSED = 0x01
@@ -40,6 +40,9 @@ DEFAULT_EXPIRES = 3600
 # A tunnel whose last reply is still on its way (200 OK to a de-REGISTER) is removed by the
 # sweep this long after ipsec_destroy, never by the reply route itself.
 DEFERRED_TEARDOWN = 1.0
+# A lease no contact uses is only left over once it is this old: a worker between lease and
+# attach (installing SAs can take seconds when the kernel loads its crypto) is not one.
+STALE_LEASE_AGE = 60.0
 
 
 class ModuleError(Exception):
@@ -190,8 +193,8 @@ class Module:
         """The 200 OK to a REGISTER: the contact is registered until the expiry it grants."""
         req = msg.request()
         contact = self._contact_of_register(req)
-        found = headers.contacts(msg.header("Contact")) or headers.contacts(req.header("Contact"))
-        params = found[0][1] if found else {}
+        params = (_params_of(contact.uri, msg.header("Contact"))
+                  or _params_of(contact.uri, req.header("Contact")) or {})
         expires = headers.expires_of(params, msg.first_header("Expires"), DEFAULT_EXPIRES)
         if expires == 0:
             return 1
@@ -238,7 +241,10 @@ class Module:
         challenge = msg.first_header("WWW-Authenticate")
         if not challenge:
             raise Refused("401 without WWW-Authenticate")
-        ck, ik, stripped = secagree.extract_ck_ik(challenge)
+        try:
+            ck, ik, stripped = secagree.extract_ck_ik(challenge)
+        except secagree.SecAgreeError as e:
+            raise Refused(f"401 from the core has no usable keys: {e}") from None
         ue = UeSide(req.source().host, offer.spi_c, offer.spi_s, offer.port_c, offer.port_s)
         digest = self.store.keys_digest(ck, ik)
         if keep_tunnel(contact.tunnel, ue, digest, bool(self.params.ipsec_reuse_server_port)):
@@ -265,6 +271,9 @@ class Module:
                 kernel.install(self.xfrm, spec)
             except XfrmExists as e:
                 self.store.release(lease)
+                if not _ours(e.what, lease):
+                    raise Refused(f"the phone's SAs clash with ones in the kernel "
+                                  f"(it must offer new SPIs and ports): {e}") from None
                 avoid |= {lease.spi_pc, lease.spi_ps}
                 self.log.warn(f"ims-ipsec: SPI already in the kernel, leasing another: {e}\n")
                 continue
@@ -307,7 +316,7 @@ class Module:
             self.store.release(t)
 
     def _remove_unused(self) -> None:
-        for t in self.store.stale_leases(older_than=self.expiry_grace, now=self.clock()):
+        for t in self.store.stale_leases(older_than=STALE_LEASE_AGE, now=self.clock()):
             self._remove_tunnel(t)
 
     def _drop_superseded(self, contact: Contact) -> None:
@@ -388,10 +397,12 @@ class Module:
         return 1
 
     def phone_facing_rr(self, contact: Contact, proto: str) -> str:
-        """The Record-Route the phone sees: our protected server port (its SA1 target)."""
+        """The Record-Route address the phone sees (record_route_preset form, host:port;params):
+        our protected server port, where its in-dialog requests arrive through SA1. `r2=on`
+        marks the double Record-Route so loose_route consumes both of our entries."""
         t = contact.tunnel
         host = f"[{t.pcscf_host}]" if ":" in t.pcscf_host else t.pcscf_host
-        return f"sip:{host}:{t.lease.port_ps};lr" + (f";transport={proto}" if proto != "udp" else "")
+        return f"{host}:{t.lease.port_ps};r2=on" + (f";transport={proto}" if proto != "udp" else "")
 
     # -- Security-Verify ------------------------------------------------------------------------
     def check_security_verify(self, msg: Message, required: bool) -> int:
@@ -519,6 +530,26 @@ class Module:
 
 def _flow(direction: object, sel: object) -> tuple:
     return (int(direction), sel.src, sel.dst, sel.sport, sel.dport)
+
+
+def _ours(what: object, lease: Lease) -> bool:
+    """Is a duplicate the kernel reported one of OUR SPIs (another lease may help)?"""
+    return isinstance(what, SA) and what.spi in (lease.spi_pc, lease.spi_ps)
+
+
+def _params_of(uri: str, contact_value: str | None) -> dict[str, str] | None:
+    """The parameters of the Contact that names `uri` (a 200 OK lists every binding of the
+    AoR: this contact's expiry is the one that counts)."""
+    want = _same_target(uri)
+    for other, params in headers.contacts(contact_value):
+        if other != "*" and _same_target(other) == want:
+            return params
+    return None
+
+
+def _same_target(uri: str) -> tuple:
+    p = parse_uri(uri)
+    return (p.user, p.host, p.port)
 
 
 def _transport_of(uri: str, default: str) -> str:

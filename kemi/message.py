@@ -5,6 +5,7 @@ the test double in kemi/double, which answers the same calls from raw SIP text).
 """
 from __future__ import annotations
 
+from ipsec.module import Refused
 from ipsec.sipuri import Address
 
 import KSR
@@ -75,9 +76,15 @@ class KsrMessage(_Reading):
         KSR.resetdsturi()
 
     def set_send_socket(self, sock: str) -> None:
+        # corex answers 1 even when no listen socket matches, and the request would then
+        # leave from 5060, outside the SAs: check that it took.
         KSR.corex.set_send_socket(sock)
+        if _pv("$fs") is None:
+            raise Refused(f"no listen socket {sock}: not sending outside the SAs")
 
     def set_reply_path(self, sock: str, target: str) -> None:
         """Where TM will send this request's replies (call before t_relay; see README)."""
         KSR.corex.set_recv_socket(sock)
+        if str(_pv("$Rp")) != sock.rsplit(":", 1)[1]:
+            raise Refused(f"no listen socket {sock}: replies would leave outside the SAs")
         KSR.corex.set_source_address(target)

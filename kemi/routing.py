@@ -22,6 +22,8 @@ class Routing:
         self.domain = domain
         self.pcscf_ip = (get_def("PCSCF_IP") or "127.0.0.1").strip('"')
         self.next_hop = (get_def("NEXT_HOP") or "").strip('"')
+        ip = self.pcscf_ip
+        self.core_rr = (("%s:5060" % ip) if ":" not in ip or ip.startswith("[") else "[%s]:5060" % ip) + ";r2=on"
         try:
             self.next_hop_host = parse_uri(self.next_hop).host
         except SipUriError:
@@ -75,7 +77,7 @@ class Routing:
                 return 1
         else:
             contact = self.m.tunnel_contact(msg)
-            KSR.rr.record_route_preset("sip:%s:5060;lr" % self.pcscf_ip,
+            KSR.rr.record_route_preset(self.core_rr,
                                        self.m.phone_facing_rr(contact, msg.source().proto))
             KSR.setdsturi(self.next_hop)
         self._strip_sec_agree(msg)
@@ -95,7 +97,7 @@ class Routing:
             contact = self.m.contact_for_request(msg)
             if contact is not None and contact.tunnel is not None:
                 KSR.rr.record_route_preset(self.m.phone_facing_rr(contact, contact.received.proto),
-                                           "sip:%s:5060;lr" % self.pcscf_ip)
+                                           self.core_rr)
         if self.m.ipsec_forward(msg, self.domain) < 0:
             KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
             return 1

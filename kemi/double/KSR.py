@@ -303,6 +303,7 @@ def _eval(view: _View, name: str):
         "$pr": lambda: view.source[2],
         "$Ri": lambda: view.local[0],
         "$Rp": lambda: view.local[1],
+        "$fs": lambda: _rec.send_socket if req else None,
     }
     if name not in simple:
         raise AttributeError(f"KSR double: pseudo-variable {name} is not implemented")

@@ -200,8 +200,6 @@ def test_create_without_www_authenticate_fails(pcscf):
     assert_nothing_left(pcscf)
 
 
-@pytest.mark.xfail(strict=True, reason="module bug: a 401 without ck/ik is the S-CSCF's fault, "
-                   "but ipsec_create logs it as 'bad message from the phone'")
 def test_create_without_keys_does_not_blame_the_phone(pcscf):
     assert create(pcscf, pending(pcscf), www=challenge(ck=None)) == -1
     assert "phone" not in "".join(KSR._rec.logs["err"])
@@ -306,8 +304,6 @@ def test_save_registers_for_the_granted_expiry(pcscf):
     assert c.state == "registered" and c.expires == pytest.approx(pcscf.clock.now + 600, abs=1)
 
 
-@pytest.mark.xfail(strict=True, reason="module bug: save() takes the expiry of the first Contact "
-                   "of the 200 OK, which lists every binding of the AoR, not of this contact")
 def test_save_takes_the_expiry_of_this_contact_among_all_bindings(pcscf):
     server = pcscf.registered(expires=600)
     reg = register(security_verify=server, via=f"{UE}:{PORT_UC}", cseq=5)

@@ -1,0 +1,34 @@
+"""What every end-to-end scenario must show on the wire and in the kernel."""
+from __future__ import annotations
+
+import itertools
+import time
+from contextlib import contextmanager
+
+import esp_net
+from pcscf_net import Phone, assert_kernel_matches, assert_no_keys, pcscf_counters
+
+PROTECTED_PORTS = set(range(5062, 5065))
+_n = itertools.count()
+
+
+@contextmanager
+def through_esp(phone: Phone, *sa_names: str):
+    """Counters of the named SAs (sa1..sa4 of the phone's tunnel at the end) must rise, and
+    the phone's link must carry no cleartext to or from a protected port."""
+    before = pcscf_counters(phone.link)
+    with esp_net.Capture(phone.link, f"e2e-{next(_n)}") as cap:
+        yield cap
+        time.sleep(0.2)
+    after = pcscf_counters(phone.link)
+    t = phone.tunnel
+    spis = {"sa1": t.spi_ps, "sa2": t.spi_uc, "sa3": t.spi_us, "sa4": t.spi_pc}
+    for name in sa_names:
+        spi = spis[name]
+        assert after.get(spi, 0) > before.get(spi, 0), f"{name} (spi {spi}) carried nothing"
+    ports = PROTECTED_PORTS | {t.port_uc, t.port_us}
+    clear = [p for p in cap.cleartext() if p.sport in ports or p.dport in ports]
+    assert not clear, f"cleartext between protected ports: {clear[:5]}"
+    for m in phone.seen:
+        assert_no_keys(m)
+    assert_kernel_matches(phone.link, t)
