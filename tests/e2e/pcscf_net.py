@@ -472,6 +472,55 @@ class Phone:
         return self.authenticate(expires)
 
 
+# ---- calls -------------------------------------------------------------------------------
+
+def mt_call(phone: Phone, scscf: Scscf) -> None:
+    """The S-CSCF calls the phone through the P-CSCF (Path as Route); phone answers; BYE."""
+    path = uri_of(scscf.paths[phone.aor])
+    call_id, ftag = token(), token()
+    ruri = f"sip:{phone.user}@{phone.ip if phone.family == 4 else '[' + phone.ip + ']'}:{phone.tunnel.port_us}"
+    to = f"<sip:{phone.user}@ims.test>"
+    invite = scscf.new_request("INVITE", ruri, call_id=call_id, from_tag=ftag, to=to, cseq=1,
+                               route=[f"<{path}>"])
+    scscf.request(invite)
+    req, key, peer = phone.wait(lambda m: m.is_request and m.method == "INVITE", "INVITE")
+    assert peer[1] == phone.tunnel.port_pc
+    tag = token()
+    phone.respond(req, key, 180, "Ringing", tag)
+    ok = phone.respond(req, key, 200, "OK", tag)
+    r200 = scscf.wait_reply(200, "INVITE")
+    routes = [v for v in reversed(r200.all("Record-Route"))]
+    to_tagged = r200.get("To")
+    for method, cseq in (("ACK", 1), ("BYE", 2)):
+        m = scscf.new_request(method, uri_of(r200.get("Contact")), call_id=call_id, from_tag=ftag,
+                              to=to_tagged, cseq=cseq, route=routes)
+        scscf.request(m)
+        got, key, _ = phone.wait(lambda x, method=method: x.is_request and x.method == method, method)
+    phone.respond(got, key, 200, "OK", tag)
+    scscf.wait_reply(200, "BYE")
+
+
+def mo_call(phone: Phone, scscf: Scscf) -> None:
+    """The phone calls out through its SAs; 100/180/200 come back through them; ACK; BYE."""
+    call_id = token()
+    t = phone.tunnel
+    host = phone.pcscf if phone.family == 4 else f"[{phone.pcscf}]"
+    route = f"<sip:{host}:{t.port_ps};lr" + (";transport=tcp>" if phone.proto == "tcp" else ">")
+    phone.request("INVITE", "sip:bob@ims.test", call_id=call_id, to="<sip:bob@ims.test>", route=route)
+    ok, _, _ = phone.wait_reply(200, "INVITE")
+    routes = list(reversed(ok.all("Record-Route")))
+    assert routes and f":{t.port_ps};" in routes[0], routes
+    for method in ("ACK", "BYE"):
+        m = phone._request(method, uri_of(ok.get("Contact")), t.port_us)
+        for r in routes:
+            m.add("Route", r)
+        m.add("To", ok.get("To"))
+        m.add("Call-ID", call_id)
+        m.add("CSeq", f"{phone.cseq} {method}")
+        phone.send_protected(m)
+    phone.wait_reply(200, "BYE")
+
+
 def assert_no_keys(msg: Msg) -> None:
     text = msg.text().lower()
     assert not re.search(r"\b(ck|ik)\s*=", text), "CK/IK reached the phone"
