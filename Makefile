@@ -10,9 +10,12 @@ STAMP  := .stamp
 
 install: $(STAMP)/apt $(STAMP)/venv kamailio.paths.cfg
 
-# Where kamailio.cfg finds this checkout's KEMI script (app_python3 needs an absolute path).
-kamailio.paths.cfg: Makefile
-	echo '#!define KEMI_SCRIPT "$(CURDIR)/kemi/pcscf.py"' > $@
+# Where kamailio.cfg finds this checkout's KEMI script (app_python3 needs an absolute path);
+# rewritten whenever the checkout has moved.
+PATHS_LINE := \#!define KEMI_SCRIPT "$(CURDIR)/kemi/pcscf.py"
+kamailio.paths.cfg: FORCE
+	@[ "$$(cat $@ 2>/dev/null)" = '$(PATHS_LINE)' ] || echo '$(PATHS_LINE)' > $@
+FORCE:
 
 $(STAMP)/apt: tools/install-deps
 	tools/install-deps

@@ -140,6 +140,12 @@ class Module:
         except (OSError, ValueError, StoreError) as e:
             raise ModuleError(f"store {path}: {e}") from None
 
+    def close(self) -> None:
+        """Drop this process's store connection and netlink socket (before Kamailio forks:
+        neither may be shared with the workers, which reopen their own on first use)."""
+        self.store.close()
+        self.xfrm.close()
+
     # -- logging ------------------------------------------------------------------------------
     def _err(self, text: str) -> None:
         self.log.err(f"ims-ipsec: {text}\n")
@@ -349,15 +355,21 @@ class Module:
             raise Refused(f"no tunnel for {self._search_uri(msg, flags)}")
         t = contact.tunnel
         proto = contact.received.proto
-        if flags & USE_VIA and msg.dst_uri():
-            proto = _transport_of(msg.dst_uri(), proto)
+        if flags & USE_VIA:
+            proto = _transport_of(msg.dst_uri() or msg.ruri(), proto)
         if proto != "udp" and flags & TCP_USE_CLIENT_PORT:
             local, remote = t.lease.port_ps, t.ue.port_uc
         else:
             local, remote = t.lease.port_pc, t.ue.port_us
+        try:
+            msg.set_send_socket(_sock(proto, t.pcscf_host, local))
+        except Refused:
+            if not (proto == "udp" and flags & UDP_FALLBACK_TCP):
+                raise
+            proto = "tcp"
+            msg.set_send_socket(_sock(proto, t.pcscf_host, local))
         if not (flags & KEEP_DST_URI and msg.dst_uri()):
             msg.set_dst_uri(_uri(t.ue.host, remote, proto))
-        msg.set_send_socket(_sock(proto, t.pcscf_host, local))
         return 1
 
     def _search_uri(self, msg: RequestView, flags: int) -> str:
@@ -458,8 +470,8 @@ class Module:
             return
         self._teardown(contact)
 
-    def _teardown(self, contact: Contact) -> None:
-        t = self.store.delete_contact(contact.id)
+    def _teardown(self, contact: Contact, expired_at: tuple[float, float] | None = None) -> None:
+        t = self.store.delete_contact(contact.id, expired_at=expired_at)
         if t is not None:
             self._remove_tunnel(t)
         self._info(f"contact {contact.id} {contact.aor}: removed")
@@ -468,8 +480,9 @@ class Module:
     def sweep(self) -> int:
         """Expired contacts out, leftover leases out, and a fresh pool once nobody is left."""
         try:
-            for c in self.store.expired(self.clock(), self.expiry_grace):
-                self._teardown(c)
+            now = self.clock()
+            for c in self.store.expired(now, self.expiry_grace):
+                self._teardown(c, expired_at=(now, self.expiry_grace))
             self._remove_unused()
             for t in self.store.reset_leases_if_empty():
                 if isinstance(t, Tunnel):

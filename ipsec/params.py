@@ -8,13 +8,10 @@ so validation raises `ParamError` and the caller refuses to start.
 from __future__ import annotations
 
 import ipaddress
-import logging
 from dataclasses import dataclass, fields
 from typing import Callable
 
 from .algorithms import AUTH_ALGS, ENC_ALGS
-
-log = logging.getLogger(__name__)
 
 SPI_MAX = 2**32 - 1
 RESERVED_SPIS = range(1, 256)  # RFC 4303 section 2.1
@@ -80,6 +77,10 @@ class Params:
                 "the SPI range overlaps 1-255, reserved by RFC 4303 (some peers refuse them); "
                 "set IPSEC_SPI_ID_START to 256 or more"
             )
+        if self.ipsec_max_connections < 2:
+            out.append("ipsec_max_connections=1: a phone that keeps its server port when it "
+                       "re-keys (33.203 7.4) gets SAs identical in selectors to its old ones, "
+                       "which the kernel refuses; use 2 or more")
         overlap = frozenset(self.client_ports) & frozenset(self.server_ports)
         if overlap:
             out.append(f"client and server port ranges share port(s) {sorted(overlap)}")

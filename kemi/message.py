@@ -72,9 +72,6 @@ class KsrMessage(_Reading):
     def set_dst_uri(self, uri: str) -> None:
         KSR.setdsturi(uri)
 
-    def reset_dst_uri(self) -> None:
-        KSR.resetdsturi()
-
     def set_send_socket(self, sock: str) -> None:
         # corex answers 1 even when no listen socket matches, and the request would then
         # leave from 5060, outside the SAs: check that it took.

@@ -3,6 +3,7 @@
 Loaded by kamailio.cfg. It finds this checkout's code and venv from its own location, so
 Kamailio can start with a clean environment from any directory.
 """
+import functools
 import os
 import site
 import sys
@@ -26,11 +27,44 @@ def mod_init():
     """Main process, before the fork: read the defines, reconcile kernel and store."""
     try:
         module = Module.from_defines(KSR.kx.get_def, log=KSR)
-        module.startup()
     except (ParamError, ModuleError) as e:
         KSR.err("ims-ipsec: refusing to start: %s\n" % e)
         return None
+    try:
+        module.startup()
+    except ModuleError as e:
+        KSR.err("ims-ipsec: refusing to start: %s\n" % e)
+        return None
+    finally:
+        module.close()  # every worker opens its own store connection and netlink socket
     return kamailio(Routing(module, KSR.kx.get_def, DOMAIN))
+
+
+def _guarded(on_error):
+    """No Python exception may reach Kamailio: log it, then answer as `on_error` says."""
+
+    def wrap(callback):
+        @functools.wraps(callback)
+        def run(self, *args):
+            try:
+                return callback(self, *args)
+            except Exception as e:  # noqa: BLE001
+                KSR.err("ims-ipsec: %s: internal error %s: %s\n"
+                        % (callback.__name__, type(e).__name__, e))
+                on_error()
+                return -1
+        return run
+    return wrap
+
+
+def _fail_request():
+    KSR.sl.sl_send_reply(500, "Server Internal Error")
+
+
+def _fail_challenge():
+    # the challenge carries CK/IK: it must not leave as it came
+    KSR.hdr.remove("WWW-Authenticate")
+    KSR.textopsx.change_reply_status(503, "Service Unavailable")
 
 
 class kamailio:
@@ -42,21 +76,18 @@ class kamailio:
     def child_init(self, rank):
         return 0
 
+    @_guarded(_fail_request)
     def ksr_request_route(self, msg):
         return self.r.request(KsrMessage())
 
     def ksr_reply_route(self, msg):
         return 1
 
+    @_guarded(_fail_challenge)
     def ksr_register_reply(self, msg):
         return self.r.register_reply(KsrMessage())
 
-    def ksr_phone_reply(self, msg):
-        return self.r.reply_to_phone(KsrMessage())
-
-    def ksr_failure(self, msg):
-        return 1
-
+    @_guarded(lambda: None)
     def ksr_ipsec_sweep(self, msg, evname=None):
         self.r.sweep()
         return 1

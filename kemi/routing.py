@@ -22,8 +22,9 @@ class Routing:
         self.domain = domain
         self.pcscf_ip = (get_def("PCSCF_IP") or "127.0.0.1").strip('"')
         self.next_hop = (get_def("NEXT_HOP") or "").strip('"')
-        ip = self.pcscf_ip
-        self.core_rr = (("%s:5060" % ip) if ":" not in ip or ip.startswith("[") else "[%s]:5060" % ip) + ";r2=on"
+        # the Record-Route facing the core (record_route_preset form); r2=on: see phone_facing_rr
+        host = self.pcscf_ip if ":" not in self.pcscf_ip.strip("[]") else "[%s]" % self.pcscf_ip.strip("[]")
+        self.core_rr = "%s:5060;r2=on" % host
         try:
             self.next_hop_host = parse_uri(self.next_hop).host
         except SipUriError:
@@ -77,6 +78,9 @@ class Routing:
                 return 1
         else:
             contact = self.m.tunnel_contact(msg)
+            if contact is None:  # gone since the Security-Verify check (sweep, destroy)
+                KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")
+                return 1
             KSR.rr.record_route_preset(self.core_rr,
                                        self.m.phone_facing_rr(contact, msg.source().proto))
             KSR.setdsturi(self.next_hop)
@@ -101,7 +105,6 @@ class Routing:
         if self.m.ipsec_forward(msg, self.domain) < 0:
             KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
             return 1
-        KSR.tm.t_on_reply("ksr_phone_reply")
         return self._relay()
 
     def _relay(self) -> int:
@@ -135,9 +138,6 @@ class Routing:
             self.m.ipsec_forward(msg, self.domain)
             if self.m.is_deregistration(msg):
                 self.m.ipsec_destroy(msg, self.domain)
-        return 1
-
-    def reply_to_phone(self, msg) -> int:
         return 1
 
     def sweep(self) -> None:

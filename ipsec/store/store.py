@@ -294,18 +294,27 @@ class Store:
             db.execute("UPDATE contacts SET tunnel_id = ? WHERE id = ?", (row[0], contact_id))
         return old if old is not None and old.lease != lease else None
 
-    def delete_contact(self, contact_id: int) -> Tunnel | None:
+    def delete_contact(self, contact_id: int, *,
+                       expired_at: tuple[float, float] | None = None) -> Tunnel | None:
         """Forget a contact; returns its tunnel if no other contact uses it.
 
         The tunnel stays leased: remove its SAs (after the last reply has left through them),
         then `release` it. Deleting a missing contact returns None, as racing sweeps may.
+        With `expired_at=(now, grace)` the contact goes only if it is still expired as
+        `expired` says: another worker may have refreshed it since the sweep listed it.
         """
         with self._tx() as db:
             try:
                 tunnel = self._get(db, contact_id).tunnel
             except UnknownContact:
                 return None
-            db.execute("DELETE FROM contacts WHERE id = ?", (contact_id,))
+            where, args = "id = ?", (contact_id,)
+            if expired_at is not None:
+                now, grace = expired_at
+                where += " AND ((state = ? AND expires <= ?) OR (state = ? AND expires <= ?))"
+                args += (REGISTERED, now - grace, PENDING, now)
+            if db.execute(f"DELETE FROM contacts WHERE {where}", args).rowcount == 0:
+                return None
             if tunnel is None or db.execute(
                     "SELECT 1 FROM contacts c JOIN tunnels t ON t.id = c.tunnel_id"
                     " WHERE t.spi_pc = ?", (tunnel.lease.spi_pc,)).fetchone():

@@ -436,11 +436,6 @@ def _setdsturi(uri: str) -> int:
     return 1
 
 
-def _resetdsturi() -> int:
-    _rec.view = replace(_current(), dst_uri=None)
-    return 1
-
-
 def _uri_hostport(uri: str) -> tuple[str, int | None]:
     m = re.match(r"\s*<?sips?:(?:[^@;>]*@)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:;>]+))"
                  r"(?::(?P<port>\d+))?", uri, re.I)
@@ -540,7 +535,6 @@ maxfwd = _Namespace("maxfwd", process_maxfwd=_process_maxfwd)
 textopsx = _Namespace("textopsx", change_reply_status=_change_reply_status)
 kx = _Namespace("kx", get_def=lambda name: _defs.get(name, ""))
 setdsturi = _setdsturi
-resetdsturi = _resetdsturi
 is_myself_ruri = _is_myself_ruri
 
 

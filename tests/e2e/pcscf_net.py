@@ -7,7 +7,6 @@ the kernel tests' link, UE-side `ip xfrm` and capture helpers in tests/kernel/es
 """
 from __future__ import annotations
 
-import os
 import queue
 import random
 import re
@@ -277,11 +276,13 @@ class Phone:
             self._listen[port] = t
         return port
 
-    def new_offer(self) -> None:
-        """Fresh protected ports and SPIs for the next Security-Client."""
+    def new_offer(self, keep_server_port: bool = False) -> None:
+        """Fresh SPIs and ports for the next Security-Client; on a re-key a phone keeps its
+        protected server port and takes a new client port (33.203 7.4)."""
         base = next(_next_base)
         self.offer_uc = self._open(base, listen=False)
-        self.offer_us = self._open(base + 1, listen=True)
+        if not keep_server_port:
+            self.offer_us = self._open(base + 1, listen=True)
         self.offer_spi_uc = random.randrange(1 << 20, 1 << 31)
         self.offer_spi_us = random.randrange(1 << 20, 1 << 31)
 
@@ -487,9 +488,9 @@ def mt_call(phone: Phone, scscf: Scscf) -> None:
     assert peer[1] == phone.tunnel.port_pc
     tag = token()
     phone.respond(req, key, 180, "Ringing", tag)
-    ok = phone.respond(req, key, 200, "OK", tag)
+    phone.respond(req, key, 200, "OK", tag)
     r200 = scscf.wait_reply(200, "INVITE")
-    routes = [v for v in reversed(r200.all("Record-Route"))]
+    routes = list(reversed(r200.all("Record-Route")))
     to_tagged = r200.get("To")
     for method, cseq in (("ACK", 1), ("BYE", 2)):
         m = scscf.new_request(method, uri_of(r200.get("Contact")), call_id=call_id, from_tag=ftag,
@@ -550,6 +551,28 @@ def pcscf_states(link: Link) -> list[dict]:
 
 def pcscf_policy_count(link: Link) -> int:
     return len(re.findall(r"^src ", run("ip", "-n", link.pc, "xfrm", "policy"), flags=re.M))
+
+
+def pcscf_policy_ports(link: Link) -> set[tuple[int, int]]:
+    """(sport, dport) of every policy on the P-CSCF side, from `ip xfrm policy`."""
+    text = run("ip", "-n", link.pc, "xfrm", "policy")
+    return {(int(a), int(b)) for a, b in re.findall(r"sport (\d+) dport (\d+)", text)}
+
+
+def tunnel_gone(link: Link, t: Tunnel) -> bool:
+    """None of the tunnel's SAs or policies is left on the P-CSCF side."""
+    spis = {s["spi"] for s in pcscf_states(link)}
+    flows = {(sp, dp) for _, sp, _, dp, _, _ in esp_net.ue_flows(t)}
+    return not spis & {t.spi_pc, t.spi_ps, t.spi_uc, t.spi_us} and not pcscf_policy_ports(link) & flows
+
+
+def wait_gone(link: Link, t: Tunnel, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not tunnel_gone(link, t):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def expected_algs(t: Tunnel) -> dict[str, tuple[str, str, str | None]]:

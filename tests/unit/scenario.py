@@ -83,6 +83,11 @@ class FakeKernel:
         self.policies_by_id: dict[tuple[Dir, Selector], PolicyInfo] = {}
         self.refuse: Callable[[Request], int | None] = lambda request: None
         self._index = itertools.count(8, 8)
+        self.closed = 0
+
+    def close(self) -> None:
+        """As Xfrm.close: the socket goes, the kernel's tables stay."""
+        self.closed += 1
 
     def batch(self, requests: list[Request]) -> list[XfrmError | None]:
         return [self._one(r) for r in requests]

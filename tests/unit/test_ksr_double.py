@@ -19,7 +19,7 @@ def invite(*extra: str) -> str:
     return "\r\n".join([
         f"INVITE sip:alice@{UE}:5060;transport=udp SIP/2.0",
         f"Via: SIP/2.0/UDP {CORE}:5060;branch=z9hG4bK-1",
-        f"Via: SIP/2.0/UDP 10.0.0.50:5060;branch=z9hG4bK-0",
+        "Via: SIP/2.0/UDP 10.0.0.50:5060;branch=z9hG4bK-0",
         "From: <sip:bob@ims.example>;tag=1",
         "To: <sip:alice@ims.example>",
         "Call-ID: c1",

@@ -157,6 +157,17 @@ def test_flag_0x200_udp_and_tcp_protected_sockets_both_exist(pcscf):
     tcp.module.store.close()
 
 
+def test_flag_0x200_falls_back_to_tcp_when_the_udp_socket_is_missing(pcscf):
+    pcscf.registered()
+    tcp_only = [s for s in KSR._sockets if not s[0] == "udp" or s[2] == 5060]
+    KSR._sockets[:] = tcp_only
+    assert mt(pcscf) == -1  # without the flag: refused, never sent from 5060 outside the SAs
+    assert "no listen socket" in "".join(KSR._rec.logs["err"])
+    assert mt(pcscf, flags=m.UDP_FALLBACK_TCP) == 1
+    assert KSR._rec.send_socket == f"tcp:{PCSCF}:5100"
+    assert KSR.pv.get("$du") == f"sip:{UE}:{PORT_US};transport=tcp"
+
+
 # -- replies to the phone ------------------------------------------------------------------------
 
 def test_udp_replies_leave_from_port_pc_to_port_us(pcscf):

@@ -146,7 +146,7 @@ def test_request_to_a_registered_phone_leaves_through_sa3(pcscf):
                         source=(CORE, 5060, "udp"))
     (relay,) = rec.relays
     assert (relay.dst_uri, relay.send_socket) == (f"sip:{UE}:{PORT_US}", f"udp:{PCSCF}:5100")
-    assert relay.on_reply == "ksr_phone_reply"
+    assert relay.on_reply is None
     ((phone_side, core_side),) = relay.record_route
     assert f"{PCSCF}:5200" in phone_side and f"{PCSCF}:5060" in core_side
 
@@ -173,7 +173,7 @@ def test_request_from_the_phone_goes_to_the_core_and_its_replies_through_the_sas
 
 
 def test_in_dialog_request_from_the_phone_follows_its_route(pcscf):
-    server = pcscf.registered()
+    pcscf.registered()
     raw = request("BYE", "sip:bob@10.0.0.50:5060", via=f"{UE}:{PORT_UC}", to_tag="t1",
                   extra=(f"Route: <sip:{PCSCF}:5200;lr>, <sip:{CORE}:5060;lr>",))
     (relay,) = pcscf.request(raw, source=(UE, PORT_UC, "udp"), local=(PCSCF, 5200)).relays
@@ -256,6 +256,33 @@ def test_mod_init_warns_about_reserved_spis_and_flushes_strays(script):
     app = pcscf_script.mod_init()
     assert app is not None and "RFC 4303" in "".join(KSR._rec.logs["warn"])
     assert "flushed" in "".join(KSR._rec.logs["info"])
+    # nothing opened in the main process may be inherited by the workers
+    assert app.r.m.store._conn is None and kernel.closed == 1
+
+
+def test_an_exception_in_a_callback_answers_and_never_escapes(script, mocker):
+    pcscf_script, kernel = script
+    app = pcscf_script.mod_init()
+    KSR._listen(f"udp:{PCSCF}:5060", f"tcp:{PCSCF}:5060")
+    KSR._load_request(register(), (UE, 5060, "udp"))
+    mocker.patch.object(app.r, "_unprotected_register", side_effect=RuntimeError("disk on fire"))
+    assert app.ksr_request_route(None) == -1
+    assert [r.code for r in KSR._rec.replies] == [500]
+    assert "disk on fire" in "".join(KSR._rec.logs["err"])
+
+
+def test_an_exception_on_a_401_never_lets_the_keys_out(script, mocker):
+    pcscf_script, kernel = script
+    app = pcscf_script.mod_init()
+    KSR._listen(f"udp:{PCSCF}:5060", f"tcp:{PCSCF}:5060")
+    KSR._load_request(register(), (UE, 5060, "udp"))
+    app.ksr_request_route(None)
+    KSR._load_reply(reply_to(register(), 401, "Unauthorized",
+                             (f"WWW-Authenticate: {challenge()}",)), KSR._rec.relays[0])
+    mocker.patch.object(app.r.m, "ipsec_create", side_effect=RuntimeError("boom"))
+    assert app.ksr_register_reply(None) == -1
+    assert "WWW-Authenticate" in KSR._rec.removed
+    assert KSR._rec.reply_status == (503, "Service Unavailable")
 
 
 def test_callbacks_route_a_register_and_the_timer_sweeps(script):
@@ -270,4 +297,4 @@ def test_callbacks_route_a_register_and_the_timer_sweeps(script):
     assert app.ksr_register_reply(None) == 1
     assert KSR._rec.values("Security-Server") and len(kernel.sas) == 4
     assert app.ksr_ipsec_sweep(None, "ipsec_sweep") == 1
-    assert app.ksr_reply_route(None) == 1 and app.ksr_failure(None) == 1
+    assert app.ksr_reply_route(None) == 1

@@ -302,6 +302,17 @@ def test_expired_lists_registered_after_grace_and_pending_after_lifetime(tmp_pat
     assert [c.id for c in s.expired(now=later, grace=30)] == [reg.id, pend.id]
 
 
+def test_a_sweep_never_deletes_a_contact_refreshed_since_it_listed_it(store):
+    c = registered_with_tunnel(store)
+    store.set_registered(c.id, 1000.0)
+    assert [x.id for x in store.expired(now=2000.0, grace=30)] == [c.id]
+    store.set_registered(c.id, 5000.0)  # another worker: the 200 OK of a re-registration
+    assert store.delete_contact(c.id, expired_at=(2000.0, 30)) is None
+    assert store.get_contact(c.id).tunnel == c.tunnel
+    store.set_registered(c.id, 1000.0)
+    assert store.delete_contact(c.id, expired_at=(2000.0, 30)) == c.tunnel
+
+
 def test_live_tunnels_and_reset_when_no_contact_is_left(store):
     c = registered_with_tunnel(store)
     in_flight = store.lease()
