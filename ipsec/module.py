@@ -8,6 +8,7 @@ over KSR; the same class over the KSR test double in tests), logs every failure 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -166,16 +167,19 @@ class Module:
             a for a in addrs if a}
 
     def tunnel_contact(self, req: RequestView) -> Contact | None:
-        """The contact whose SAs this request came through (the pair must be one of its own)."""
+        """The contact whose SAs this request came through, with `tunnel` = those SAs (its
+        tunnel in use, or the pending one of a re-registration: the pair must be theirs)."""
         src, local = req.source(), req.local()
         if not self._on_protected_port(local):
             return None
         contact = self.store.find_by_source(src.host, src.port)
-        if contact is None or contact.tunnel is None:
+        if contact is None:
             return None
-        t = contact.tunnel
-        pairs = {(t.ue.port_uc, t.lease.port_ps), (t.ue.port_us, t.lease.port_pc)}
-        return contact if (src.port, local.port) in pairs else None
+        for t in (contact.tunnel, contact.pending):
+            if t is not None and (src.port, local.port) in {
+                    (t.ue.port_uc, t.lease.port_ps), (t.ue.port_us, t.lease.port_pc)}:
+                return dataclasses.replace(contact, tunnel=t)
+        return None
 
     def is_protected(self, msg: RequestView) -> bool:
         """Did this request arrive on a protected port (from a phone, through ESP)?"""
@@ -205,7 +209,11 @@ class Module:
         if expires == 0:
             return 1
         self.store.set_registered(contact.id, self.clock() + expires)
-        self._drop_superseded(contact)
+        if contact.pending is not None and contact.tunnel == contact.pending:
+            # this REGISTER came through the new SAs: they serve from now on, the old go
+            old = self.store.promote(contact.id)
+            if old is not None:
+                self._remove_tunnel(old)
         return 1
 
     def is_deregistration(self, msg: Message) -> bool:
@@ -253,9 +261,12 @@ class Module:
             raise Refused(f"401 from the core has no usable keys: {e}") from None
         ue = UeSide(req.source().host, offer.spi_c, offer.spi_s, offer.port_c, offer.port_s)
         digest = self.store.keys_digest(ck, ik)
-        if keep_tunnel(contact.tunnel, ue, digest, bool(self.params.ipsec_reuse_server_port)):
-            server = contact.tunnel.security_server
-            self._info(f"contact {contact.id}: keeping tunnel spi-c={contact.tunnel.lease.spi_pc}")
+        reuse = bool(self.params.ipsec_reuse_server_port)
+        kept = next((t for t in (contact.tunnel, contact.pending)
+                     if keep_tunnel(t, ue, digest, reuse)), None)
+        if kept is not None:
+            server = kept.security_server
+            self._info(f"contact {contact.id}: keeping tunnel spi-c={kept.lease.spi_pc}")
         else:
             server = self._new_tunnel(contact, ue, offer, ck, ik, digest, client).security_server
         msg.remove_header("WWW-Authenticate")
@@ -267,13 +278,19 @@ class Module:
 
     def _new_tunnel(self, contact: Contact, ue: UeSide, offer: secagree.Offer, ck: bytes,
                     ik: bytes, digest: bytes, client: str) -> Tunnel:
-        """Lease, install (all or nothing), attach; an SPI the kernel already has is skipped."""
+        """Lease, stage in the store, install (all or nothing); an SPI the kernel already has
+        is skipped. The tunnel is staged as the contact's pending one BEFORE its SAs go in, so
+        the store always knows what the kernel may hold, whatever happens to this worker."""
         pcscf = self._pcscf_host(ue.host)
         avoid: set[int] = set()
         for _ in range(DUPLICATE_RETRIES):
             lease = self.store.lease(ue.host, avoid)
+            server = secagree.format_security_server(offer.alg, offer.ealg, lease.spi_pc,
+                                                     lease.spi_ps, lease.port_pc, lease.port_ps)
+            record = Tunnel(lease, ue, offer.alg, offer.ealg, pcscf, digest, client, server)
             spec = self._kernel_tunnel(pcscf, ue, lease, offer.alg, offer.ealg, ck, ik)
             try:
+                replaced = self.store.stage_tunnel(contact.id, record)
                 kernel.install(self.xfrm, spec)
             except XfrmExists as e:
                 self.store.release(lease)
@@ -286,15 +303,8 @@ class Module:
             except BaseException:
                 self.store.release(lease)
                 raise
-            server = secagree.format_security_server(offer.alg, offer.ealg, lease.spi_pc,
-                                                     lease.spi_ps, lease.port_pc, lease.port_ps)
-            record = Tunnel(lease, ue, offer.alg, offer.ealg, pcscf, digest, client, server)
-            try:
-                self.store.set_tunnel(contact.id, record)
-            except BaseException:
-                kernel.remove(self.xfrm, spec)
-                self.store.release(lease)
-                raise
+            if replaced is not None:  # a challenge repeated before the phone used the last
+                self._remove_tunnel(replaced)
             self._info(f"contact {contact.id}: tunnel {ue.host} spi-c={lease.spi_pc} "
                        f"spi-s={lease.spi_ps} port-c={lease.port_pc} port-s={lease.port_ps} "
                        f"alg={offer.alg} ealg={offer.ealg}")
@@ -324,15 +334,6 @@ class Module:
     def _remove_unused(self) -> None:
         for t in self.store.stale_leases(older_than=STALE_LEASE_AGE, now=self.clock()):
             self._remove_tunnel(t)
-
-    def _drop_superseded(self, contact: Contact) -> None:
-        """After a re-registration's 200 OK, the phone's previous tunnel has served its last."""
-        current = self.store.get_contact(contact.id)
-        if current is None or current.tunnel is None:
-            return
-        for t in self.store.stale_leases(older_than=0, now=self.clock() + 1):
-            if isinstance(t, Tunnel) and t.ue.host == current.tunnel.ue.host:
-                self._remove_tunnel(t)
 
     # -- ipsec_forward --------------------------------------------------------------------------
     @kemi_function
@@ -533,11 +534,9 @@ class Module:
                    f"and {len(stray_pols)} stray policy(ies)")
 
     def _forget(self, t: Tunnel) -> None:
-        """A live tunnel the kernel no longer has whole: its pieces, contacts and lease go."""
+        """A live tunnel the kernel no longer has whole: its pieces and lease go (its
+        contacts lose it, so requests for them are refused until the phone registers)."""
         kernel.remove(self.xfrm, self._spec_of(t))
-        while (c := self.store.find_by_source(t.ue.host, t.ue.port_uc)) is not None \
-                and c.tunnel is not None and c.tunnel.lease == t.lease:
-            self.store.delete_contact(c.id)
         self.store.release(t.lease)
 
 

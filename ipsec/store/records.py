@@ -84,7 +84,8 @@ class Contact:
     """A phone's registration as ims_usrloc_pcscf would hold it for this module.
 
     `received` is where its REGISTER came from before protection (the contact's identity with
-    `aor`); `tunnel` is the SA set currently in use, None until ipsec_create attached one.
+    `aor`); `tunnel` is the SA set in use, `pending` the one its last 401 offered and that no
+    REGISTER has come through yet (promoted by its 200 OK).
     `expires` is absolute (epoch seconds): the registration's end, or the end of the pending
     lifetime while `state` is "pending".
     """
@@ -97,6 +98,7 @@ class Contact:
     state: str
     expires: float
     tunnel: Tunnel | None
+    pending: Tunnel | None = None
 
 
 def keep_tunnel(current: Tunnel | None, ue: UeSide, keys_digest: bytes,

@@ -12,11 +12,13 @@ from collections.abc import Callable
 
 from ipsec.store.records import SchemaMismatch, StoreError
 
-VERSION = 1
+VERSION = 2
 
 # Every SPI we hold appears once in `spis` (its PRIMARY KEY is the database's own proof that
 # no SPI is leased twice, whichever column of `tunnels` holds it). A `tunnels` row is a lease;
-# its phone-side columns stay NULL until the SAs are installed and attached to a contact.
+# its phone-side columns stay NULL until a tunnel is staged on it. A contact's `tunnel_id` is
+# the SA set in use; `pending_tunnel_id` one offered in a 401 and not yet confirmed by the
+# phone (33.203 7.4: the old SAs serve until the new ones have carried a REGISTER).
 DDL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE tunnels (
@@ -49,12 +51,14 @@ CREATE TABLE contacts (
     state TEXT NOT NULL CHECK (state IN ('pending', 'registered')),
     expires REAL NOT NULL,
     tunnel_id INTEGER REFERENCES tunnels (id) ON DELETE SET NULL,
+    pending_tunnel_id INTEGER REFERENCES tunnels (id) ON DELETE SET NULL,
     UNIQUE (aor, received_host, received_port, received_proto)
 );
 CREATE INDEX contacts_received ON contacts (received_host, received_port);
 CREATE INDEX contacts_contact ON contacts (contact_host, contact_port);
 CREATE INDEX contacts_expires ON contacts (expires);
 CREATE INDEX contacts_tunnel ON contacts (tunnel_id);
+CREATE INDEX contacts_pending_tunnel ON contacts (pending_tunnel_id);
 """
 
 

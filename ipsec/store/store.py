@@ -34,8 +34,12 @@ _TUNNEL_COLUMNS = """
     t.spi_pc, t.spi_ps, t.port_pc, t.port_ps, t.ue_host, t.spi_uc, t.spi_us, t.port_uc,
     t.port_us, t.alg, t.ealg, t.pcscf_host, t.keys_digest, t.offer, t.security_server"""
 _CONTACT_SELECT = f"""
-    SELECT {_CONTACT_COLUMNS}, {_TUNNEL_COLUMNS}
-    FROM contacts c LEFT JOIN tunnels t ON t.id = c.tunnel_id"""
+    SELECT {_CONTACT_COLUMNS}, {_TUNNEL_COLUMNS}, {_TUNNEL_COLUMNS.replace("t.", "p.")}
+    FROM contacts c LEFT JOIN tunnels t ON t.id = c.tunnel_id
+    LEFT JOIN tunnels p ON p.id = c.pending_tunnel_id"""
+# a tunnels row (alias t) that some contact uses or has staged
+_USED = ("EXISTS (SELECT 1 FROM contacts c WHERE c.tunnel_id = t.id"
+         " OR c.pending_tunnel_id = t.id)")
 
 
 class Store:
@@ -191,8 +195,8 @@ class Store:
     def live_tunnels(self) -> list[Tunnel]:
         """Tunnels some contact uses: what the kernel should hold after a restart."""
         rows = self._query(
-            f"SELECT {_TUNNEL_COLUMNS} FROM tunnels t WHERE t.ue_host IS NOT NULL AND EXISTS "
-            "(SELECT 1 FROM contacts c WHERE c.tunnel_id = t.id) ORDER BY t.id")
+            f"SELECT {_TUNNEL_COLUMNS} FROM tunnels t WHERE t.ue_host IS NOT NULL AND {_USED}"
+            " ORDER BY t.id")
         return [_tunnel(row) for row in rows]
 
     def stale_leases(self, older_than: float, now: float | None = None) -> list[Tunnel | Lease]:
@@ -206,8 +210,8 @@ class Store:
         """
         cutoff = (time.time() if now is None else now) - older_than
         rows = self._query(
-            f"SELECT {_TUNNEL_COLUMNS} FROM tunnels t WHERE t.leased_at <= ? AND NOT EXISTS "
-            "(SELECT 1 FROM contacts c WHERE c.tunnel_id = t.id) ORDER BY t.id", (cutoff,))
+            f"SELECT {_TUNNEL_COLUMNS} FROM tunnels t WHERE t.leased_at <= ? AND NOT {_USED}"
+            " ORDER BY t.id", (cutoff,))
         return [_tunnel_or_lease(row) for row in rows]
 
     def reset_leases_if_empty(self) -> list[Tunnel | Lease]:
@@ -237,7 +241,8 @@ class Store:
         via, received = _address(via), _address(received)
         with self._tx() as db:
             found = db.execute(
-                "SELECT c.id, c.state FROM contacts c LEFT JOIN tunnels t ON t.id = c.tunnel_id"
+                "SELECT c.id, c.state FROM contacts c LEFT JOIN tunnels t"
+                " ON t.id IN (c.tunnel_id, c.pending_tunnel_id)"
                 " WHERE c.aor = ? AND ((c.received_host = ? AND c.received_port = ?"
                 " AND c.received_proto = ?) OR (t.ue_host = ? AND ? IN (t.port_uc, t.port_us)))"
                 " ORDER BY c.id DESC LIMIT 1",
@@ -270,6 +275,48 @@ class Store:
                 raise UnknownContact(f"contact {contact_id}")
             return self._get(db, contact_id)
 
+    def stage_tunnel(self, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
+        """Record a tunnel on its lease as the contact's pending one, BEFORE its SAs go in.
+
+        Written first, so that whatever happens next (the install fails, the worker dies)
+        the store knows every SA and policy that may exist for it and the sweep can remove
+        them. Returns the pending tunnel it replaces (a repeated challenge), still leased.
+        """
+        with self._tx() as db:
+            row = self._write_phone_side(db, tunnel)
+            old = self._get(db, contact_id).pending
+            db.execute("UPDATE contacts SET pending_tunnel_id = ? WHERE id = ?", (row, contact_id))
+        return old if old is not None and old.lease != tunnel.lease else None
+
+    def promote(self, contact_id: int) -> Tunnel | None:
+        """A REGISTER came through the pending tunnel: it becomes the one in use.
+
+        Returns the tunnel it replaces, still leased: remove its SAs, then `release` it.
+        """
+        with self._tx() as db:
+            c = self._get(db, contact_id)
+            if c.pending is None:
+                return None
+            db.execute("UPDATE contacts SET tunnel_id = pending_tunnel_id,"
+                       " pending_tunnel_id = NULL WHERE id = ?", (contact_id,))
+        return c.tunnel if c.tunnel is not None and c.tunnel.lease != c.pending.lease else None
+
+    def _write_phone_side(self, db: sqlite3.Connection, tunnel: Tunnel) -> int:
+        lease = tunnel.lease
+        row = db.execute("SELECT id, spi_ps, port_pc, port_ps FROM tunnels WHERE spi_pc = ?",
+                         (lease.spi_pc,)).fetchone()
+        if row is None or tuple(row[1:]) != (lease.spi_ps, lease.port_pc, lease.port_ps):
+            raise NotLeased(f"{lease} is not leased")
+        ue = tunnel.ue
+        db.execute(
+            "UPDATE tunnels SET lease_host = ?, ue_host = ?, spi_uc = ?, spi_us = ?,"
+            " port_uc = ?, port_us = ?, alg = ?, ealg = ?, pcscf_host = ?, keys_digest = ?,"
+            " offer = ?, security_server = ? WHERE id = ?",
+            (ue.host, ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, tunnel.alg,
+             tunnel.ealg, tunnel.pcscf_host, tunnel.keys_digest,
+             tunnel.offer, tunnel.security_server, row[0]))
+        return row[0]
+
     def set_tunnel(self, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
         """Attach installed SAs (on a lease we hold) to a contact, in one transaction.
 
@@ -278,20 +325,9 @@ class Store:
         """
         lease = tunnel.lease
         with self._tx() as db:
-            row = db.execute("SELECT id, spi_ps, port_pc, port_ps FROM tunnels WHERE spi_pc = ?",
-                             (lease.spi_pc,)).fetchone()
-            if row is None or tuple(row[1:]) != (lease.spi_ps, lease.port_pc, lease.port_ps):
-                raise NotLeased(f"{lease} is not leased")
+            row = self._write_phone_side(db, tunnel)
             old = self._get(db, contact_id).tunnel
-            ue = tunnel.ue
-            db.execute(
-                "UPDATE tunnels SET lease_host = ?, ue_host = ?, spi_uc = ?, spi_us = ?,"
-                " port_uc = ?, port_us = ?, alg = ?, ealg = ?, pcscf_host = ?, keys_digest = ?,"
-                " offer = ?, security_server = ? WHERE id = ?",
-                (ue.host, ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, tunnel.alg,
-                 tunnel.ealg, tunnel.pcscf_host, tunnel.keys_digest,
-                 tunnel.offer, tunnel.security_server, row[0]))
-            db.execute("UPDATE contacts SET tunnel_id = ? WHERE id = ?", (row[0], contact_id))
+            db.execute("UPDATE contacts SET tunnel_id = ? WHERE id = ?", (row, contact_id))
         return old if old is not None and old.lease != lease else None
 
     def delete_contact(self, contact_id: int, *,
@@ -356,12 +392,13 @@ class Store:
 
     def find_by_source(self, host: str, port: int, *,
                        newest_first: bool = True) -> Contact | None:
-        """The contact whose tunnel a request came through: from one of the phone's protected
-        ports (port_uc or port_us) on its address. Either transport: the SAs carry both."""
+        """The contact whose tunnel (in use or pending) a request came through: from one of the
+        phone's protected ports (port_uc or port_us) on its address. Either transport: the SAs
+        carry both."""
         host = normalize_host(host)
         return self._first(
-            "c.tunnel_id IN (SELECT id FROM tunnels WHERE ue_host = ?"
-            " AND ? IN (port_uc, port_us))", (host, port), newest_first)
+            "EXISTS (SELECT 1 FROM tunnels x WHERE x.id IN (c.tunnel_id, c.pending_tunnel_id)"
+            " AND x.ue_host = ? AND ? IN (x.port_uc, x.port_us))", (host, port), newest_first)
 
     def find_by_received(self, received: Address, *,
                          newest_first: bool = True) -> Contact | None:
@@ -430,10 +467,11 @@ def _address(addr: Address) -> Address:
 
 
 def _contact(row: tuple) -> Contact:
-    tunnel = _tunnel(row[11:]) if row[15] is not None else None
+    tunnel = _tunnel(row[11:26]) if row[15] is not None else None
+    pending = _tunnel(row[26:41]) if row[30] is not None else None
     return Contact(id=row[0], aor=row[1], uri=row[2], via=Address(row[3], row[4], row[5]),
                    received=Address(row[6], row[7], row[8]), state=row[9], expires=row[10],
-                   tunnel=tunnel)
+                   tunnel=tunnel, pending=pending)
 
 
 def _tunnel(row: tuple) -> Tunnel:

@@ -88,7 +88,8 @@ def test_create_installs_4_sas_and_4_policies_matching_security_server(pcscf):
     assert {(p.sel.src, p.sel.sport, p.sel.dst, p.sel.dport, p.templates[0].reqid) for p in pols} \
         == pcscf.kernel.flows()
     assert leases(pcscf) == [(spi_c, spi_s)]
-    assert contact_of(pcscf).tunnel.security_server == server
+    # offered, not yet in use: the phone's first REGISTER through it promotes it (33.203 7.4)
+    assert contact_of(pcscf).pending.security_server == server
 
 
 def test_create_takes_ck_ik_out_of_the_challenge_and_adds_sec_agree(pcscf):
@@ -269,8 +270,8 @@ def test_duplicates_on_every_retry_give_up_with_nothing_leased(pcscf):
     assert_nothing_left(pcscf)
 
 
-def test_store_failure_after_install_removes_the_sas(pcscf, mocker):
-    mocker.patch.object(pcscf.module.store, "set_tunnel", side_effect=UnknownContact("gone"))
+def test_store_failure_when_staging_installs_nothing(pcscf, mocker):
+    mocker.patch.object(pcscf.module.store, "stage_tunnel", side_effect=UnknownContact("gone"))
     assert create(pcscf, pending(pcscf)) == -1
     assert_nothing_left(pcscf)
 
@@ -460,5 +461,39 @@ def test_startup_drops_a_live_tunnel_the_kernel_lost(pcscf):
     del pcscf.kernel.sas[(PCSCF, spi_pc)]
     pcscf.module.startup()
     assert pcscf.kernel.sas == {} and pcscf.kernel.policies_by_id == {}
-    assert contact_of(pcscf) is None and leases(pcscf) == []
+    assert contact_of(pcscf).tunnel is None and leases(pcscf) == []
     assert "register again" in "".join(KSR._rec.logs["err"])
+
+
+def test_rekey_keeps_the_old_sas_until_a_register_comes_through_the_new_ones(pcscf):
+    """33.203 7.4: the 401 of a re-registration offers new SAs; the old ones carry the phone's
+    traffic until its REGISTER arrives through the new ones, whose 200 OK retires the old."""
+    old_server = pcscf.registered()
+    old = contact_of(pcscf).tunnel
+    old_ps = int(server_param(old_server, "port-s"))
+    new_offer = OFFER.replace(f"port-c={PORT_UC}", "port-c=32000").replace("spi-c=1111", "spi-c=7777") \
+        .replace("spi-s=2222", "spi-s=8888")
+    rereg = register(via=f"{UE}:{PORT_UC}", security_client=new_offer, security_verify=old_server,
+                     cseq=3)
+    rec = pcscf.request(rereg, source=(UE, PORT_UC, "udp"), local=(PCSCF, old_ps))
+    rec = pcscf.register_reply(rec.relays[0], reply_to(rereg, 401, "Unauthorized", (
+        f"WWW-Authenticate: {challenge(ck='11' * 16)}",)))
+    new_server = rec.values("Security-Server")[0]
+    assert len(pcscf.kernel.sas) == 8  # both SA sets while the phone switches
+    c = contact_of(pcscf)
+    assert c.tunnel == old and c.pending.security_server == new_server
+    # a request through the old SAs still finds its phone
+    KSR._load_request(request("MESSAGE", "sip:bob@ims.example", via=f"{UE}:{PORT_US}"),
+                      (UE, PORT_UC, "udp"), (PCSCF, old_ps))
+    assert pcscf.module.check_security_verify(KsrMessage(), required=False) == 1
+    # the REGISTER through the new SAs, and its 200 OK
+    new_ps = int(server_param(new_server, "port-s"))
+    final = register(via=f"{UE}:32000", security_client=new_offer, security_verify=new_server,
+                     cseq=4)
+    rec = pcscf.request(final, source=(UE, 32000, "udp"), local=(PCSCF, new_ps))
+    pcscf.register_reply(rec.relays[0], reply_to(final, 200, "OK", (
+        f"Contact: <sip:alice@{UE}:5060>;expires=600",)))
+    c = contact_of(pcscf)
+    assert c.tunnel.security_server == new_server and c.pending is None
+    assert len(pcscf.kernel.sas) == 4 and (PCSCF, old.lease.spi_pc) not in pcscf.kernel.sas
+    assert leases(pcscf) == [(c.tunnel.lease.spi_pc, c.tunnel.lease.spi_ps)]

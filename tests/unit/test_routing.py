@@ -83,7 +83,7 @@ def test_401_gets_security_server_and_loses_ck_ik(pcscf):
     (www,) = rec.values("WWW-Authenticate")
     assert CK not in www and IK not in www and "ck=" not in www and "nonce" in www
     assert rec.values("Supported") == ["sec-agree"]
-    assert contact(pcscf).tunnel.security_server == server
+    assert contact(pcscf).pending.security_server == server
 
 
 def test_401_becomes_503_without_challenge_when_create_fails(pcscf):

@@ -70,7 +70,7 @@ def test_files_are_private_even_with_a_permissive_umask(tmp_path):
 def test_schema_has_a_version_and_wal(store):
     store.lease()
     db = sqlite3.connect(store.path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (1,)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (2,)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     db.close()
 
@@ -300,6 +300,35 @@ def test_expired_lists_registered_after_grace_and_pending_after_lifetime(tmp_pat
     assert [c.id for c in s.expired(now=1030.0, grace=30)] == [reg.id]
     later = pend.expires + 0.001
     assert [c.id for c in s.expired(now=later, grace=30)] == [reg.id, pend.id]
+
+
+def test_a_staged_tunnel_serves_its_phone_until_promoted_and_is_never_stale(store):
+    c = registered_with_tunnel(store, port_uc=6100, port_us=6200)
+    new = tunnel_on(store, store.lease("10.0.0.1"), "10.0.0.1", spi_uc=21, spi_us=22,
+                    port_uc=6300, port_us=6200)
+    assert store.stage_tunnel(c.id, new) is None
+    staged = store.get_contact(c.id)
+    assert staged.tunnel == c.tunnel and staged.pending == new
+    assert store.find_by_source("10.0.0.1", 6100).id == c.id  # the old SAs still serve
+    assert store.find_by_source("10.0.0.1", 6300).id == c.id  # and the new ones already
+    assert sorted(t.lease.spi_pc for t in store.live_tunnels()) == sorted(
+        [c.tunnel.lease.spi_pc, new.lease.spi_pc])
+    assert store.stale_leases(0) == []
+    assert store.promote(c.id) == c.tunnel  # handed back, still leased, for removal
+    done = store.get_contact(c.id)
+    assert done.tunnel == new and done.pending is None
+    assert store.stale_leases(0) == [c.tunnel] and store.promote(c.id) is None
+
+
+def test_restaging_hands_back_the_previous_pending_tunnel(store):
+    c = pending(store)
+    first = tunnel_on(store, store.lease("10.0.0.1"), "10.0.0.1")
+    second = tunnel_on(store, store.lease("10.0.0.1"), "10.0.0.1", spi_uc=31, spi_us=32)
+    assert store.stage_tunnel(c.id, first) is None
+    assert store.stage_tunnel(c.id, second) == first
+    assert store.get_contact(c.id).pending == second
+    store.release(second.lease)  # an install that failed: the contact forgets it
+    assert store.get_contact(c.id).pending is None
 
 
 def test_a_sweep_never_deletes_a_contact_refreshed_since_it_listed_it(store):
