@@ -18,7 +18,7 @@ import KSR  # noqa: E402
 from ipsec.module import Module, ModuleError  # noqa: E402
 from ipsec.params import ParamError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
-from kemi.routing import Routing  # noqa: E402
+from kemi.routing import Routing, refuse_challenge  # noqa: E402
 
 DOMAIN = "location"
 
@@ -62,9 +62,7 @@ def _fail_request():
 
 
 def _fail_challenge():
-    # the challenge carries CK/IK: it must not leave as it came
-    KSR.hdr.remove("WWW-Authenticate")
-    KSR.textopsx.change_reply_status(503, "Service Unavailable")
+    refuse_challenge()  # the challenge carries CK/IK: it must not leave as it came
 
 
 class kamailio:
@@ -86,6 +84,10 @@ class kamailio:
     @_guarded(_fail_challenge)
     def ksr_register_reply(self, msg):
         return self.r.register_reply(KsrMessage())
+
+    @_guarded(lambda: None)
+    def ksr_register_failure(self, msg):
+        return self.r.register_failure()
 
     @_guarded(lambda: None)
     def ksr_ipsec_sweep(self, msg, evname=None):

@@ -16,6 +16,15 @@ from ipsec.sipuri import SipUriError, parse_uri
 SEC_AGREE_HEADERS = ("Security-Client", "Security-Verify")
 
 
+def refuse_challenge() -> None:
+    """No tunnel, no challenge: the keys never reach the phone. The failure route answers 503
+    instead (TM would turn a relayed 503 into a 500, RFC 3261 16.7); the status change is the
+    fallback should it not run."""
+    KSR.hdr.remove("WWW-Authenticate")
+    KSR.pv.seti("$avp(ipsec_refused)", 1)
+    KSR.textopsx.change_reply_status(500, "Server Internal Error")
+
+
 class Routing:
     def __init__(self, module: Module, get_def, domain: str) -> None:
         self.m = module
@@ -91,6 +100,7 @@ class Routing:
         self._strip_sec_agree(msg)
         KSR.path.add_path()
         KSR.tm.t_on_reply("ksr_register_reply")
+        KSR.tm.t_on_failure("ksr_register_failure")
         KSR.setdsturi(self.next_hop)
         return self._relay()
 
@@ -129,15 +139,19 @@ class Routing:
         status = msg.status()
         if status == 401:
             if self.m.ipsec_create(msg, self.domain) < 0:
-                # No tunnel, no challenge: the keys never reach the phone and it retries later.
-                KSR.hdr.remove("WWW-Authenticate")
-                KSR.textopsx.change_reply_status(503, "Service Unavailable")
+                refuse_challenge()
             return 1
         if status is not None and 200 <= status < 300:
             self.m.save(msg, self.domain)
             self.m.ipsec_forward(msg, self.domain)
             if self.m.is_deregistration(msg):
                 self.m.ipsec_destroy(msg, self.domain)
+        return 1
+
+    def register_failure(self) -> int:
+        """The REGISTER's transaction failed: a 401 we could not protect becomes our 503."""
+        if KSR.pv.get("$avp(ipsec_refused)") == 1:
+            KSR.tm.t_reply(503, "Service Unavailable")
         return 1
 
     def sweep(self) -> None:

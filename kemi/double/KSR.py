@@ -127,6 +127,7 @@ class Relay:
     headers: tuple[tuple[str, str], ...]
     record_route: tuple[tuple[str, str], ...]
     on_reply: str | None
+    on_failure: str | None
     request: _View  # the transaction's request, as $T_req(...) will read it
 
 
@@ -149,6 +150,8 @@ class Record:
     record_route: list[tuple[str, str]] = field(default_factory=list)
     reply_status: tuple[int, str] | None = None
     on_reply: str | None = None
+    on_failure: str | None = None
+    avps: dict[str, object] = field(default_factory=dict)  # the transaction's $avp(...)
     relay_result: int = 1
     logs: dict[str, list[str]] = field(
         default_factory=lambda: {"info": [], "warn": [], "err": [], "dbg": []})
@@ -262,6 +265,7 @@ def _log(level: str, text: str) -> None:
 # -- pseudo-variables ----------------------------------------------------------------------
 
 _T_REQ = re.compile(r"\$T_req\((?P<inner>.+)\)")
+_AVP = re.compile(r"\$avp\((?P<name>[A-Za-z0-9_]+)\)")
 _HDR = re.compile(r"\$hdr\((?P<name>[^()]+)\)")
 _HDR_INDEX = re.compile(r"\$\(hdr\((?P<name>[^()]+)\)\[(?P<index>\*|-?\d+)\]\)")
 
@@ -275,6 +279,9 @@ def _user_of(uri: str | None) -> str | None:
 
 
 def _eval(view: _View, name: str):
+    m = _AVP.fullmatch(name)
+    if m:
+        return _rec.avps.get(m["name"])
     m = _T_REQ.fullmatch(name)
     if m:
         request = _rec.request
@@ -383,13 +390,35 @@ def _t_relay() -> int:
         ruri=view.new_ruri or view.msg.ruri, dst_uri=view.dst_uri,
         send_socket=_rec.send_socket, reply_socket=_rec.reply_socket,
         reply_target=_rec.reply_target, headers=tuple(_rec.headers()),
-        record_route=tuple(_rec.record_route), on_reply=_rec.on_reply, request=view))
+        record_route=tuple(_rec.record_route), on_reply=_rec.on_reply,
+        on_failure=_rec.on_failure, request=view))
     _rec.in_transaction = True
     return _rec.relay_result
 
 
 def _t_on_reply(route: str) -> int:
     _rec.on_reply = route
+    return 1
+
+
+def _t_on_failure(route: str) -> int:
+    _rec.on_failure = route
+    return 1
+
+
+def _t_reply(code: int, reason: str) -> int:
+    """A reply TM sends for the transaction (from a failure route, after a reply)."""
+    if _rec.request is None:
+        raise RuntimeError("KSR double: t_reply without a transaction")
+    _rec.replies.append(Reply(int(code), reason, tuple(_rec.reply_headers)))
+    return 1
+
+
+def _pv_seti(name: str, value: int) -> int:
+    m = _AVP.fullmatch(name)
+    if not m:
+        raise AttributeError(f"KSR double: pv.seti({name}) is not implemented")
+    _rec.avps[m["name"]] = int(value)
     return 1
 
 
@@ -521,11 +550,12 @@ def _change_reply_status(code: int, reason: str) -> int:
     return 1
 
 
-pv = _Namespace("pv", get=_pv_get)
+pv = _Namespace("pv", get=_pv_get, seti=_pv_seti)
 hdr = _Namespace("hdr", append=_hdr_append, remove=_hdr_remove, is_present=_hdr_is_present,
                  append_to_reply=_hdr_append_to_reply)
 sl = _Namespace("sl", sl_send_reply=_sl_send_reply, sl_reply_error=_sl_reply_error)
-tm = _Namespace("tm", t_relay=_t_relay, t_on_reply=_t_on_reply, t_check_trans=_t_check_trans)
+tm = _Namespace("tm", t_relay=_t_relay, t_on_reply=_t_on_reply, t_on_failure=_t_on_failure,
+                t_reply=_t_reply, t_check_trans=_t_check_trans)
 corex = _Namespace("corex", set_send_socket=_set_send_socket, set_recv_socket=_set_recv_socket,
                    set_source_address=_set_source_address)
 rr = _Namespace("rr", loose_route=_loose_route, record_route_preset=_record_route_preset)

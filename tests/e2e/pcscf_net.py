@@ -307,7 +307,8 @@ class Phone:
 
     def register(self, *, protected: bool, expires: int = 600, verify: str | None = None,
                  response: bool = False, client: str | None = None) -> Msg:
-        """A REGISTER: unprotected from the plain port, or through the current SAs."""
+        """A REGISTER: unprotected from the plain port, or through the current SAs.
+        `client`: the Security-Client to send instead of our offer ("" for none)."""
         m = self._request("REGISTER", "sip:ims.test", self.tunnel.port_us if protected else self.offer_us)
         m.add("To", f"<{self.aor}>")
         m.add("Call-ID", self.call_id)
@@ -317,7 +318,8 @@ class Phone:
         m.add("Supported", "path, sec-agree")
         m.add("Require", "sec-agree")
         m.add("Proxy-Require", "sec-agree")
-        m.add("Security-Client", client or self.security_client())
+        if client != "":
+            m.add("Security-Client", client or self.security_client())
         if verify is not None:
             m.add("Security-Verify", verify)
         m.add("Authorization",

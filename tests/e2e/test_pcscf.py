@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from checks import through_esp
-from pcscf_net import Phone, mo_call, mt_call, pcscf_states, wait_gone
+from pcscf_net import Phone, assert_no_keys, mo_call, mt_call, pcscf_states, wait_gone
 
 
 def _phone(link, scscf, user, **kw) -> Phone:
@@ -108,3 +108,23 @@ def test_expiry_sweeps_the_tunnel(link, scscf, kamailio):
     finally:
         scscf.expires = None
     assert wait_gone(link, phone.tunnel, timeout=15)
+
+
+def test_register_without_security_client_gets_421(link, scscf, kamailio):
+    phone = _phone(link, scscf, "nosec")
+    seen = len(scscf.seen)
+    phone.register(protected=False, client="")
+    r, _, _ = phone.wait_reply(421, "REGISTER")
+    assert "sec-agree" in (r.get("Require") or "")
+    assert not [m for m in scscf.seen[seen:] if m.is_request]
+
+
+def test_unusable_offer_gets_503_without_the_keys(link, scscf, kamailio):
+    phone = _phone(link, scscf, "oddball")
+    before = {s["spi"] for s in pcscf_states(link)}
+    phone.register(protected=False, client=phone.security_client().replace(
+        "alg=hmac-sha-1-96", "alg=hmac-sha-256-128"))
+    r, _, _ = phone.wait_reply(503, "REGISTER")
+    assert r.get("WWW-Authenticate") is None and r.get("Security-Server") is None
+    assert_no_keys(r)
+    assert {s["spi"] for s in pcscf_states(link)} == before

@@ -189,7 +189,7 @@ def test_defines_and_logs():
 
 @pytest.mark.parametrize("call", [
     lambda: KSR.pv.sets("$du", "sip:x"),
-    lambda: KSR.tm.t_reply(200, "OK"),
+    lambda: KSR.pv.seti("$var(x)", 1),
     lambda: KSR.x.modf("pcscf_save"),
     lambda: KSR.notice("n"),
     lambda: KSR.pv.get("$fu"),

@@ -92,8 +92,11 @@ def test_401_becomes_503_without_challenge_when_create_fails(pcscf):
     (relay,) = pcscf.request(raw).relays
     rec = pcscf.register_reply(relay, reply_to(raw, 401, "Unauthorized",
                                                (f"WWW-Authenticate: {challenge()}",)))
-    assert rec.reply_status == (503, "Service Unavailable")
     assert rec.values("WWW-Authenticate") == [] and rec.values("Security-Server") == []
+    assert relay.on_failure == "ksr_register_failure"
+    # TM turns a relayed 503 into a 500 (RFC 3261 16.7): the failure route answers 503 itself
+    assert pcscf.routing.register_failure() == 1
+    assert [(r.code, r.reason) for r in rec.replies] == [(503, "Service Unavailable")]
     assert pcscf.kernel.sas == {} and CK not in rec.log_text()
 
 
@@ -282,7 +285,8 @@ def test_an_exception_on_a_401_never_lets_the_keys_out(script, mocker):
     mocker.patch.object(app.r.m, "ipsec_create", side_effect=RuntimeError("boom"))
     assert app.ksr_register_reply(None) == -1
     assert "WWW-Authenticate" in KSR._rec.removed
-    assert KSR._rec.reply_status == (503, "Service Unavailable")
+    assert app.ksr_register_failure(None) == 1
+    assert [r.code for r in KSR._rec.replies] == [503]
 
 
 def test_callbacks_route_a_register_and_the_timer_sweeps(script):
