@@ -227,9 +227,22 @@ def test_processes_killed_at_random_moments_leave_a_consistent_store(tmp_path):
             store.set_tunnel(contact.id, tunnel_on(store, lease, n % 200))
             store.release(store.delete_contact(contact.id).lease)
 
+    def leased_so_far() -> int:
+        db = sqlite3.connect(path)
+        try:
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tunnels'").fetchone()
+        finally:
+            db.close()
+        return row[0] if row else 0
+
     for _ in range(6):
+        start = leased_so_far()
         pids = [fork(lambda k=k: churn(k)) for k in range(2)]
-        time.sleep(rng.uniform(0.02, 0.15))
+        # kill mid-churn however slow the machine is: after real progress, at a random moment
+        deadline = time.monotonic() + 60
+        while leased_so_far() < start + 20 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         assert [wait(pid) for pid in pids] == [-signal.SIGKILL] * 2
