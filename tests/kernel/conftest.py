@@ -6,6 +6,8 @@ import subprocess
 
 import pytest
 
+import esp_net
+
 from ipsec.algorithms import esp_algs
 from ipsec.xfrm import SA, SAId, Selector, Xfrm, XfrmError
 
@@ -28,3 +30,22 @@ def kernel_has_esp() -> None:
                     "tools/with-esp (User-mode Linux)", returncode=1)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)
+
+
+_links = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def link():
+    """The P-CSCF and UE namespaces joined by a veth pair, one pair per test module."""
+    link = esp_net.make_link(f"k{next(_links)}")
+    yield link
+    esp_net.drop_link(link)
+
+
+@pytest.fixture(scope="module")
+def x(link):
+    """Our XFRM layer, talking to the P-CSCF namespace."""
+    x = Xfrm(netns=link.pc)
+    yield x
+    x.close()

@@ -13,9 +13,7 @@ import pytest
 from esp_net import (
     Capture,
     all_pairs_traffic,
-    drop_link,
     flush_ns,
-    make_link,
     packet_counters,
     spis,
     tunnel_for,
@@ -23,30 +21,15 @@ from esp_net import (
 )
 from ipsec.algorithms import VALID_PAIRS
 from ipsec.tunnel import MARKER, install, remove
-from ipsec.xfrm import Xfrm
 
 _index = itertools.count(1)
 
 
-@pytest.fixture(scope="module")
-def link():
-    link = make_link("esp")
-    yield link
-    drop_link(link)
-
-
-@pytest.fixture(scope="module")
-def xpc(link):
-    x = Xfrm(netns=link.pc)
-    yield x
-    x.close()
-
-
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize(("alg", "ealg"), sorted(VALID_PAIRS))
-def test_every_pcscf_port_pair_is_esp(link, xpc, alg, ealg, family):
+def test_every_pcscf_port_pair_is_esp(link, x, alg, ealg, family):
     t = tunnel_for(next(_index), family, alg, ealg)
-    install(xpc, t)
+    install(x, t)
     try:
         ue_install(link, t)
         with Capture(link, f"esp-{alg}-{ealg}-{family}") as cap:
@@ -55,12 +38,12 @@ def test_every_pcscf_port_pair_is_esp(link, xpc, alg, ealg, family):
         for ns in (link.pc, link.ue):
             counters = packet_counters(ns)
             assert {spi: counters.get(spi, 0) > 0 for spi in spis(t)} == dict.fromkeys(spis(t), True), ns
-        ours = {s.spi: s for s in xpc.states(user=MARKER)}
+        ours = {s.spi: s for s in x.states(user=MARKER)}
         assert set(ours) == spis(t)
         assert all(s.packets > 0 and s.bytes > 0 for s in ours.values())
         assert cap.cleartext() == []
         assert cap.esp_spis() == spis(t)
     finally:
-        assert remove(xpc, t) == []
+        assert remove(x, t) == []
         flush_ns(link.ue)
-    assert xpc.count_states() == 0 and xpc.count_policies() == 0
+    assert x.count_states() == 0 and x.count_policies() == 0

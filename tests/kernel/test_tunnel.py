@@ -10,9 +10,7 @@ import pytest
 from esp_net import (
     Capture,
     all_pairs_traffic,
-    drop_link,
     flush_ns,
-    make_link,
     packet_counters,
     run,
     spis,
@@ -34,20 +32,6 @@ from ipsec.xfrm import (
 )
 
 _index = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def link():
-    link = make_link("tun")
-    yield link
-    drop_link(link)
-
-
-@pytest.fixture(scope="module")
-def x(link):
-    x = Xfrm(netns=link.pc)
-    yield x
-    x.close()
 
 
 @pytest.fixture(autouse=True)
