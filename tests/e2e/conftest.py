@@ -1,7 +1,6 @@
 """End-to-end rig fixtures: one link, one S-CSCF stub and one Kamailio per test module."""
 from __future__ import annotations
 
-import itertools
 import sys
 from pathlib import Path
 
@@ -12,17 +11,8 @@ for p in (HERE, HERE.parent / "kernel"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import esp_net  # noqa: E402
+from esp_net import link  # noqa: E402,F401  (the fixture)
 from pcscf_net import Kamailio, Scscf  # noqa: E402
-
-_tags = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def link():
-    link = esp_net.make_link(f"e{next(_tags)}")
-    yield link
-    esp_net.drop_link(link)
 
 
 @pytest.fixture(scope="module")

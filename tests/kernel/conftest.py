@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-import esp_net
+from esp_net import link  # noqa: F401  (the fixture, shared with tests/e2e)
 
 from ipsec.algorithms import esp_algs
 from ipsec.xfrm import SA, SAId, Selector, Xfrm, XfrmError
@@ -30,17 +30,6 @@ def kernel_has_esp() -> None:
                     "tools/with-esp (User-mode Linux)", returncode=1)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)
-
-
-_links = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def link():
-    """The P-CSCF and UE namespaces joined by a veth pair, one pair per test module."""
-    link = esp_net.make_link(f"k{next(_links)}")
-    yield link
-    esp_net.drop_link(link)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import re
 import signal
 import socket
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+import pytest
 
 from ipsec.tunnel import Tunnel
 from ipsec.xfrm.netns import entered
@@ -54,6 +58,17 @@ def make_link(tag: str) -> Link:
 def drop_link(link: Link) -> None:
     for ns in (link.pc, link.ue):
         run("ip", "netns", "del", ns)
+
+
+_links = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def link() -> Iterator[Link]:
+    """The P-CSCF and UE namespaces joined by a veth pair, one pair per test module."""
+    made = make_link(f"k{next(_links)}")
+    yield made
+    drop_link(made)
 
 
 # ---- the UE side, written from the 3GPP tables (TS 33.203 Annex I), not from ipsec/ ----
