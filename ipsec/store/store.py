@@ -262,12 +262,17 @@ class Store:
                      pending_until)).lastrowid
             else:
                 contact_id = found[0]
+                # a registration that has already ended (a de-registration whose teardown
+                # is still due) starts over as pending instead of being swept away
+                now = time.time()
                 db.execute(
                     "UPDATE contacts SET uri = ?, contact_host = ?, contact_port = ?, via_host = ?,"
-                    " via_port = ?, via_proto = ?, expires = CASE WHEN state = ? THEN ?"
-                    " ELSE expires END WHERE id = ?",
-                    (uri, target.host, target.port, via.host, via.port, via.proto, PENDING,
-                     pending_until, contact_id))
+                    " via_port = ?, via_proto = ?,"
+                    " state = CASE WHEN expires <= ? THEN ? ELSE state END,"
+                    " expires = CASE WHEN state = ? OR expires <= ? THEN ? ELSE expires END"
+                    " WHERE id = ?",
+                    (uri, target.host, target.port, via.host, via.port, via.proto, now, PENDING,
+                     PENDING, now, pending_until, contact_id))
             return self._get(db, contact_id)
 
     def set_registered(self, contact_id: int, expires: float) -> Contact:

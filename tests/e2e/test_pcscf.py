@@ -2,6 +2,7 @@
 sets up its own SAs with `ip xfrm`, and an S-CSCF stub. Scenarios of issue 6."""
 from __future__ import annotations
 
+import time
 
 from checks import through_esp
 from pcscf_net import Phone, assert_no_keys, mo_call, mt_call, pcscf_states, wait_gone
@@ -128,3 +129,22 @@ def test_unusable_offer_gets_503_without_the_keys(link, scscf, kamailio):
     assert r.get("WWW-Authenticate") is None and r.get("Security-Server") is None
     assert_no_keys(r)
     assert {s["spi"] for s in pcscf_states(link)} == before
+
+
+def test_registering_again_right_after_deregistering(link, scscf, kamailio):
+    """The de-registered tunnel goes a moment after its 200 OK; a registration started in
+    that moment must not be swept with it."""
+    phone = _phone(link, scscf, "again")
+    phone.full_registration()
+    old = phone.tunnel
+    phone.register(protected=True, expires=0, verify=phone.security_server, response=True)
+    phone.wait_reply(200, "REGISTER")
+    phone.drop_sas(old)
+    phone.tunnel = None
+    phone.new_offer()
+    phone.challenge(protected=False)
+    time.sleep(2.5)  # the old tunnel's teardown falls due while this registration is pending
+    phone.authenticate()
+    assert wait_gone(link, old, timeout=6)
+    with through_esp(phone, "sa1", "sa3"):
+        mo_call(phone, scscf)

@@ -331,6 +331,16 @@ def test_restaging_hands_back_the_previous_pending_tunnel(store):
     assert store.get_contact(c.id).pending is None
 
 
+def test_registering_again_after_the_end_starts_over_as_pending(store):
+    c = registered_with_tunnel(store)
+    store.set_registered(c.id, time.time() - 5)  # de-registered, teardown still due
+    again = pending(store)
+    assert again.id == c.id and again.state == "pending" and again.expires > time.time() + 100
+    assert store.expired(time.time(), grace=30) == []
+    registered_with_tunnel(store, host="10.0.0.9")
+    assert pending(store, host="10.0.0.9").state == "registered"  # a live one stays so
+
+
 def test_a_sweep_never_deletes_a_contact_refreshed_since_it_listed_it(store):
     c = registered_with_tunnel(store)
     store.set_registered(c.id, 1000.0)
