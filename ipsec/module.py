@@ -102,17 +102,23 @@ def kemi_function(fn: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _sock(proto: str, host: str, port: int) -> str:
-    return f"{proto}:[{host}]:{port}" if ":" in host else f"{proto}:{host}:{port}"
+    return f"{proto}:{_hostport(host, port)}"
 
 
 def _uri(host: str, port: int, proto: str | None = None) -> str:
-    h = f"[{host}]" if ":" in host else host
-    return f"sip:{h}:{port}" + (f";transport={proto}" if proto and proto != "udp" else "")
+    return f"sip:{_hostport(host, port)}" + (f";transport={proto}" if proto and proto != "udp" else "")
 
 
 @dataclass
 class Module:
+    """One per Kamailio process tree: built in mod_init, used by every worker after the fork
+    (the store connection and the netlink socket reopen themselves in each process)."""
+
     params: Params
     store: Store
     xfrm: Xfrm
@@ -414,8 +420,8 @@ class Module:
         our protected server port, where its in-dialog requests arrive through SA1. `r2=on`
         marks the double Record-Route so loose_route consumes both of our entries."""
         t = contact.tunnel
-        host = f"[{t.pcscf_host}]" if ":" in t.pcscf_host else t.pcscf_host
-        return f"{host}:{t.lease.port_ps};r2=on" + (f";transport={proto}" if proto != "udp" else "")
+        return f"{_hostport(t.pcscf_host, t.lease.port_ps)};r2=on" + (
+            f";transport={proto}" if proto != "udp" else "")
 
     # -- Security-Verify ------------------------------------------------------------------------
     def check_security_verify(self, msg: Message, required: bool) -> int:
