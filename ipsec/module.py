@@ -168,9 +168,8 @@ class Module:
         return addr.strip("[]")
 
     def _on_protected_port(self, local: Address) -> bool:
-        addrs = {self.params.ipsec_listen_addr, self.params.ipsec_listen_addr6.strip("[]")}
-        return local.port in self.params.protected_ports and local.host in {
-            a for a in addrs if a}
+        return (local.port in self.params.protected_ports
+                and local.host in self.params.protected_addrs)
 
     def tunnel_contact(self, req: RequestView) -> Contact | None:
         """The contact whose SAs this request came through, with `tunnel` = those SAs (its
@@ -215,11 +214,6 @@ class Module:
         if expires == 0:
             return 1
         self.store.set_registered(contact.id, self.clock() + expires)
-        if contact.pending is not None and contact.tunnel == contact.pending:
-            # this REGISTER came through the new SAs: they serve from now on, the old go
-            old = self.store.promote(contact.id)
-            if old is not None:
-                self._remove_tunnel(old)
         return 1
 
     def is_deregistration(self, msg: Message) -> bool:
@@ -236,11 +230,19 @@ class Module:
             return False
 
     def _contact_of_register(self, req: RequestView) -> Contact:
+        """The contact a REGISTER (seen from its reply) belongs to. One that came through the
+        pending SAs confirms them (33.203 7.4): they serve from now on, and the old ones go
+        (the reply leaves through the new ones)."""
         contact = self.tunnel_contact(req)
         if contact is None and not self._on_protected_port(req.local()):
             contact = self.store.find_by_received(req.source())
         if contact is None:
             raise Refused(f"no contact for the REGISTER from {req.source()}")
+        if contact.pending is not None and contact.tunnel == contact.pending:
+            old = self.store.promote(contact.id)
+            if old is not None:
+                self._remove_tunnels([old])
+            contact = dataclasses.replace(contact, pending=None)
         return contact
 
     # -- ipsec_create ---------------------------------------------------------------------------
@@ -310,7 +312,7 @@ class Module:
                 self.store.release(lease)
                 raise
             if replaced is not None:  # a challenge repeated before the phone used the last
-                self._remove_tunnel(replaced)
+                self._remove_tunnels([replaced])
             self._info(f"contact {contact.id}: tunnel {ue.host} spi-c={lease.spi_pc} "
                        f"spi-s={lease.spi_ps} port-c={lease.port_pc} port-s={lease.port_ps} "
                        f"alg={offer.alg} ealg={offer.ealg}")
@@ -327,19 +329,18 @@ class Module:
         """The kernel identity of a stored tunnel (removal needs no keys)."""
         return self._kernel_tunnel(t.pcscf_host, t.ue, t.lease, t.alg, t.ealg)
 
-    def _remove_tunnel(self, t: Tunnel | Lease) -> None:
-        """SAs and policies out of the kernel, then the lease back to the pool."""
-        if isinstance(t, Tunnel):
-            missing = kernel.remove(self.xfrm, self._spec_of(t))
+    def _remove_tunnels(self, found: list[Tunnel | Lease]) -> None:
+        """SAs and policies out of the kernel (one batch for all), then the leases back to
+        the pool (one transaction). A kernel refusal leaves the leases for the next sweep."""
+        tunnels = [t for t in found if isinstance(t, Tunnel)]
+        if tunnels:
+            missing = kernel.remove_all(self.xfrm, [self._spec_of(t) for t in tunnels])
             if missing:
-                self._info(f"tunnel spi-c={t.lease.spi_pc}: {len(missing)} piece(s) were already gone")
-            self.store.release(t.lease)
-        else:
-            self.store.release(t)
+                self._info(f"{len(missing)} piece(s) of {len(tunnels)} tunnel(s) were already gone")
+        self.store.release_all(t.lease if isinstance(t, Tunnel) else t for t in found)
 
     def _remove_unused(self) -> None:
-        for t in self.store.stale_leases(older_than=STALE_LEASE_AGE, now=self.clock()):
-            self._remove_tunnel(t)
+        self._remove_tunnels(self.store.stale_leases(older_than=STALE_LEASE_AGE, now=self.clock()))
 
     # -- ipsec_forward --------------------------------------------------------------------------
     @kemi_function
@@ -424,15 +425,12 @@ class Module:
             f";transport={proto}" if proto != "udp" else "")
 
     # -- Security-Verify ------------------------------------------------------------------------
-    def check_security_verify(self, msg: Message, required: bool) -> int:
-        """A protected request's Security-Verify must equal the Security-Server we sent.
+    def check_security_verify(self, msg: Message, contact: Contact, required: bool) -> int:
+        """A protected request's Security-Verify must equal the Security-Server we sent
+        through `contact.tunnel` (the SAs it came through: `tunnel_contact`).
 
         Required on REGISTER (24.229); on other requests checked when present.
         """
-        contact = self.tunnel_contact(msg)
-        if contact is None:
-            self._err(f"{msg.method()} from {msg.source()} on a protected port: unknown tunnel")
-            return -1
         verify = msg.header("Security-Verify")
         if verify is None and not required:
             return 1
@@ -477,10 +475,8 @@ class Module:
             return
         self._teardown(contact)
 
-    def _teardown(self, contact: Contact, expired_at: tuple[float, float] | None = None) -> None:
-        t = self.store.delete_contact(contact.id, expired_at=expired_at)
-        if t is not None:
-            self._remove_tunnel(t)
+    def _teardown(self, contact: Contact) -> None:
+        self._remove_tunnels(self.store.delete_contacts([contact.id]))
         self._info(f"contact {contact.id} {contact.aor}: removed")
 
     # -- housekeeping ---------------------------------------------------------------------------
@@ -488,12 +484,16 @@ class Module:
         """Expired contacts out, leftover leases out, and a fresh pool once nobody is left."""
         try:
             now = self.clock()
-            for c in self.store.expired(now, self.expiry_grace):
-                self._teardown(c, expired_at=(now, self.expiry_grace))
+            expired = self.store.expired(now, self.expiry_grace)
+            if expired:
+                self._remove_tunnels(self.store.delete_contacts(
+                    [c.id for c in expired], expired_at=(now, self.expiry_grace)))
+                for c in expired:
+                    self._info(f"contact {c.id} {c.aor}: expired, removed")
             self._remove_unused()
-            for t in self.store.reset_leases_if_empty():
-                if isinstance(t, Tunnel):
-                    kernel.remove(self.xfrm, self._spec_of(t))
+            released = self.store.reset_leases_if_empty()
+            kernel.remove_all(self.xfrm, [self._spec_of(t) for t in released
+                                          if isinstance(t, Tunnel)])
             return 1
         except Exception as e:  # noqa: BLE001 - a timer callback must not raise into Kamailio
             self._err(f"sweep: {type(e).__name__}: {e}")

@@ -7,6 +7,7 @@ so validation raises `ParamError` and the caller refuses to start.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -63,9 +64,16 @@ class Params:
     def server_ports(self) -> range:
         return range(self.ipsec_server_port, self.ipsec_server_port + self.ipsec_max_connections)
 
-    @property
+    @functools.cached_property
     def protected_ports(self) -> frozenset[int]:
+        """Asked of every request (did it arrive protected?): computed once."""
         return frozenset(self.client_ports) | frozenset(self.server_ports)
+
+    @functools.cached_property
+    def protected_addrs(self) -> frozenset[str]:
+        """In the spelling Address uses, so `local.host in protected_addrs` holds for IPv6."""
+        return frozenset(ipaddress.ip_address(a.strip("[]")).compressed
+                         for a in (self.ipsec_listen_addr, self.ipsec_listen_addr6) if a)
 
     def warnings(self) -> list[str]:
         """Values Kamailio may start with but an operator should hear about."""

@@ -26,6 +26,7 @@ two modules can share a host during a migration without flushing each other's tu
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ipsec.algorithms import EspAlgs, esp_algs
@@ -155,13 +156,21 @@ def install(x: Xfrm, tunnel: Tunnel) -> None:
 
 
 def remove(x: Xfrm, tunnel: Tunnel) -> list[SAId | PolicyId]:
-    """Delete the policies, then the SAs; returns the pieces that were already gone.
+    """Delete one tunnel's policies, then its SAs; returns the pieces that were already gone."""
+    return remove_all(x, [tunnel])
 
-    Every piece is tried; a refusal other than "not found" is raised after all were tried.
+
+def remove_all(x: Xfrm, tunnels: Sequence[Tunnel]) -> list[SAId | PolicyId]:
+    """Delete every policy of the tunnels, then every SA, in batches; returns the pieces
+    that were already gone.
+
+    Policies first, so no policy is ever left without its SA. Every piece is tried; a refusal
+    other than "not found" is raised after all were tried.
     """
-    pol_results = x.batch([del_policy(PolicyId(p.dir, p.sel)) for p in policies(tunnel)])
-    sa_ids = [SAId(dst, spi) for _, _, dst, _, spi, _ in _flows(tunnel)]
-    sa_results = x.batch([del_sa(i) for i in sa_ids])
+    pol_results = x.batch([del_policy(PolicyId(p.dir, p.sel))
+                           for t in tunnels for p in policies(t)])
+    sa_results = x.batch([del_sa(SAId(dst, spi))
+                          for t in tunnels for _, _, dst, _, spi, _ in _flows(t)])
     missing: list[SAId | PolicyId] = []
     for r in pol_results + sa_results:
         if isinstance(r, XfrmNotFound):

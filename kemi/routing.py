@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import KSR
 
+from ipsec import headers
 from ipsec.module import Module
 from ipsec.sipuri import SipUriError, parse_uri
 
@@ -73,7 +74,13 @@ class Routing:
         return self._relay_register(msg)
 
     def _from_phone(self, msg, method: str) -> int:
-        if self.m.check_security_verify(msg, required=(method == "REGISTER")) < 0:
+        contact = self.m.tunnel_contact(msg)
+        if contact is None:
+            KSR.err("ims-ipsec: %s from %s on a protected port: unknown tunnel\n"
+                    % (method, msg.source()))
+            KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")
+            return 1
+        if self.m.check_security_verify(msg, contact, required=(method == "REGISTER")) < 0:
             KSR.sl.sl_send_reply(403, "Forbidden - Security-Verify mismatch")
             return 1
         if self.m.ipsec_forward(msg, self.domain) < 0:  # replies to the phone: through its SAs
@@ -86,10 +93,6 @@ class Routing:
                 KSR.sl.sl_send_reply(404, "Not Here")
                 return 1
         else:
-            contact = self.m.tunnel_contact(msg)
-            if contact is None:  # gone since the Security-Verify check (sweep, destroy)
-                KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")
-                return 1
             KSR.rr.record_route_preset(self.core_rr,
                                        self.m.phone_facing_rr(contact, msg.source().proto))
             KSR.setdsturi(self.next_hop)
@@ -129,7 +132,7 @@ class Routing:
             value = msg.header(name)
             if value is None:
                 continue
-            kept = [t.strip() for t in value.split(",") if t.strip() and t.strip().lower() != "sec-agree"]
+            kept = [t for t in headers.option_tags(value) if t.lower() != "sec-agree"]
             msg.remove_header(name)
             if kept:
                 msg.append_header(name, ", ".join(kept))

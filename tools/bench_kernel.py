@@ -14,6 +14,7 @@ whichever method ran first (it made the first method look 5 times slower).
 """
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -22,6 +23,11 @@ import time
 from collections.abc import Callable
 
 from ipsec.algorithms import esp_algs
+from ipsec.module import Module
+from ipsec.params import Params
+from ipsec.sipuri import Address
+from ipsec.store import Store, UeSide
+from ipsec.store import Tunnel as StoredTunnel
 from ipsec.tunnel import Tunnel, install, policies, remove, sas
 from ipsec.xfrm import PolicyId, SAId, Xfrm, del_policy, del_sa, new_policy, new_sa
 from ipsec.xfrm import codec
@@ -136,6 +142,39 @@ def bench_ip(tunnels: list[Tunnel]) -> tuple[float, float]:
     return times[0], times[1]
 
 
+class _Quiet:
+    def info(self, text: str) -> None: ...
+    def warn(self, text: str) -> None: ...
+    def err(self, text: str) -> None:
+        print(text, end="", file=sys.stderr)
+
+
+def bench_sweep(x: Xfrm, tunnels: list[Tunnel]) -> float:
+    """(d) The module's expiry sweep: every registration expired at once (a mass expiry
+    after an outage), kernel and store cleaned up by one `Module.sweep()`."""
+    with tempfile.TemporaryDirectory() as d:
+        params = Params(ipsec_listen_addr="10.60.0.1", ipsec_spi_id_start=0x100000,
+                        ipsec_spi_id_range=4 * len(tunnels))
+        store = Store(f"{d}/bench.sqlite", spi_start=params.ipsec_spi_id_start,
+                      spi_range=params.ipsec_spi_id_range, client_port=5100,
+                      server_port=5101, max_connections=1)
+        module = Module(params, store, x, _Quiet(), expiry_grace=0.0)
+        for t in tunnels:
+            c = store.save_pending(f"sip:{t.ue}@ims", f"sip:u@{t.ue}:{t.port_us}",
+                                   Address(t.ue, 5060), Address(t.ue, 5060))
+            lease = store.lease(t.ue)
+            t = dataclasses.replace(t, spi_pc=lease.spi_pc, spi_ps=lease.spi_ps)
+            install(x, t)
+            store.set_tunnel(c.id, StoredTunnel(lease, UeSide(t.ue, t.spi_uc, t.spi_us, t.port_uc,
+                                                              t.port_us), t.alg, t.ealg, t.pcscf,
+                                                b"", "", ""))
+            store.set_registered(c.id, 0.0)
+        took = timed(module.sweep)
+        assert x.count_states() == 0 and x.count_policies() == 0 and not store.live_tunnels()
+        store.close()
+    return took
+
+
 def report(name: str, n: int, t_add: float, t_rm: float) -> float:
     both = n / (t_add + t_rm)
     print(f"{name:<42} {n / t_add:>9.0f} {n / t_rm:>9.0f} {both:>9.0f}")
@@ -153,6 +192,7 @@ def main() -> None:
         raw = bench_raw(tunnels)
         ip = bench_ip(tunnels)
         assert x.count_states() == 0 and x.count_policies() == 0
+        sweep = bench_sweep(x, tunnels)
     finally:
         subprocess.run(["ip", "netns", "del", NETNS], check=True)
     print(f"{n} tunnels (4 SAs + 4 policies each), tunnels per second:")
@@ -161,6 +201,7 @@ def main() -> None:
     b = report(f"(b) pre-encoded, {PER_DATAGRAM} msgs/datagram, raw socket", n, *raw)
     c = report("(c) ip -batch", n, *ip)
     print(f"a/b = {a / b:.2f}   a/c = {a / c:.1f}")
+    print(f"(d) Module.sweep of {n} expired registrations: {sweep:.2f} s ({n / sweep:.0f}/s)")
 
 
 if __name__ == "__main__":

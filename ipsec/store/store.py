@@ -187,10 +187,19 @@ class Store:
 
         Contacts still pointing at its tunnel lose it in the same transaction.
         """
-        spi = lease.spi_pc if isinstance(lease, Lease) else lease
+        return self.release_all([lease]) == 1
+
+    def release_all(self, leases: Iterable[Lease | int]) -> int:
+        """Give back many leases in one transaction; returns how many were leased."""
+        spis = [lease.spi_pc if isinstance(lease, Lease) else lease for lease in leases]
+        released = 0
         with self._tx() as db:
-            return db.execute("DELETE FROM tunnels WHERE id = "
-                              "(SELECT tunnel_id FROM spis WHERE spi = ?)", (spi,)).rowcount > 0
+            for i in range(0, len(spis), 500):
+                chunk = spis[i:i + 500]
+                released += db.execute(
+                    "DELETE FROM tunnels WHERE id IN (SELECT tunnel_id FROM spis WHERE spi IN"
+                    f" ({','.join('?' * len(chunk))}))", chunk).rowcount
+        return released
 
     def live_tunnels(self) -> list[Tunnel]:
         """Tunnels some contact uses: what the kernel should hold after a restart."""
@@ -338,32 +347,38 @@ class Store:
             db.execute("UPDATE contacts SET tunnel_id = ? WHERE id = ?", (row, contact_id))
         return old if old is not None and old.lease != lease else None
 
-    def delete_contact(self, contact_id: int, *,
-                       expired_at: tuple[float, float] | None = None) -> Tunnel | None:
-        """Forget a contact; returns its tunnel if no other contact uses it.
+    def delete_contacts(self, contact_ids: Iterable[int], *,
+                        expired_at: tuple[float, float] | None = None) -> list[Tunnel]:
+        """Forget contacts, in one transaction; returns their tunnels (in use or pending)
+        that no other contact uses.
 
-        The tunnel stays leased: remove its SAs (after the last reply has left through them),
-        then `release` it. Deleting a missing contact returns None, as racing sweeps may.
-        With `expired_at=(now, grace)` the contact goes only if it is still expired as
-        `expired` says: another worker may have refreshed it since the sweep listed it.
+        The tunnels stay leased: remove their SAs (after the last reply has left through
+        them), then `release_all` them. A contact already gone is skipped, as racing sweeps
+        may meet. With `expired_at=(now, grace)` a contact goes only if it is still expired
+        as `expired` says: another worker may have refreshed it since the sweep listed it.
         """
+        freed: list[Tunnel] = []
         with self._tx() as db:
-            try:
-                tunnel = self._get(db, contact_id).tunnel
-            except UnknownContact:
-                return None
-            where, args = "id = ?", (contact_id,)
-            if expired_at is not None:
-                now, grace = expired_at
-                where += " AND ((state = ? AND expires <= ?) OR (state = ? AND expires <= ?))"
-                args += (REGISTERED, now - grace, PENDING, now)
-            if db.execute(f"DELETE FROM contacts WHERE {where}", args).rowcount == 0:
-                return None
-            if tunnel is None or db.execute(
-                    "SELECT 1 FROM contacts c JOIN tunnels t ON t.id = c.tunnel_id"
-                    " WHERE t.spi_pc = ?", (tunnel.lease.spi_pc,)).fetchone():
-                return None
-            return tunnel
+            for contact_id in contact_ids:
+                freed += self._delete_contact(db, contact_id, expired_at)
+        return freed
+
+    def _delete_contact(self, db: sqlite3.Connection, contact_id: int,
+                        expired_at: tuple[float, float] | None) -> list[Tunnel]:
+        try:
+            contact = self._get(db, contact_id)
+        except UnknownContact:
+            return []
+        where, args = "id = ?", (contact_id,)
+        if expired_at is not None:
+            now, grace = expired_at
+            where += " AND ((state = ? AND expires <= ?) OR (state = ? AND expires <= ?))"
+            args += (REGISTERED, now - grace, PENDING, now)
+        if db.execute(f"DELETE FROM contacts WHERE {where}", args).rowcount == 0:
+            return []
+        return [t for t in (contact.tunnel, contact.pending) if t is not None and not db.execute(
+            "SELECT 1 FROM contacts c JOIN tunnels t ON t.id IN (c.tunnel_id, c.pending_tunnel_id)"
+            " WHERE t.spi_pc = ?", (t.lease.spi_pc,)).fetchone()]
 
     def get_contact(self, contact_id: int) -> Contact | None:
         found = self._contacts("c.id = ?", (contact_id,), order="c.id")

@@ -175,7 +175,7 @@ def test_startup_keeps_live_tunnels_and_flushes_strays(tmp_path, xfrm):
     assert {(s.dst, s.spi) for s in xfrm.states(user=MARKER)} == live_sas
     assert {(pol.dir, pol.sel) for pol in xfrm.policies()} == live_pols
     assert (PCSCF, 777) in {(s.dst, s.spi) for s in xfrm.states()}
-    p.module.store.delete_contact(p.module.store.find_by_aor(AOR)[0].id)
+    p.module.store.delete_contacts([p.module.store.find_by_aor(AOR)[0].id])
     p.module.startup()  # no live tunnel left: all of ours flushed, the foreign SA stays
     assert xfrm.states(user=MARKER) == [] and xfrm.policies(user=MARKER) == []
     assert [(s.dst, s.spi) for s in xfrm.states()] == [(PCSCF, 777)]

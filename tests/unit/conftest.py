@@ -1,10 +1,16 @@
-"""Unit-test set-up: `import KSR` must find the KSR double, before kemi.* is imported."""
+"""Unit-test set-up: `import KSR` must find the KSR double, before kemi.* is imported;
+hypothesis without per-example deadlines."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# A loaded CI machine must not turn slow examples into failures: no per-example deadline.
+settings.register_profile("project", deadline=None)
+settings.load_profile("project")
 
 ROOT = Path(__file__).resolve().parents[2]
 for path in (ROOT / "kemi" / "double", ROOT):

@@ -152,7 +152,7 @@ def test_reregistration_with_new_keys_builds_new_sas_and_drops_the_old_after_200
 def test_create_flag_0x01_first_removes_tunnels_whose_contact_is_gone(pcscf):
     pending(pcscf)
     assert create(pcscf, pending(pcscf)) == 1
-    pcscf.module.store.delete_contact(contact_of(pcscf).id)  # the registrar forgot it
+    pcscf.module.store.delete_contacts([contact_of(pcscf).id])  # the registrar forgot it
     age_leases(pcscf, 3600)
     reg = pending(pcscf, source=(OTHER_UE, 5060, "udp"))
     assert create(pcscf, reg, source=(OTHER_UE, 5060, "udp"), flags=m.CREATE_DELETE_UNUSED) == 1
@@ -163,7 +163,7 @@ def test_create_flag_0x01_first_removes_tunnels_whose_contact_is_gone(pcscf):
 
 def test_create_without_flag_0x01_leaves_the_orphaned_tunnel(pcscf):
     assert create(pcscf, pending(pcscf)) == 1
-    pcscf.module.store.delete_contact(contact_of(pcscf).id)
+    pcscf.module.store.delete_contacts([contact_of(pcscf).id])
     age_leases(pcscf, 3600)
     reg = pending(pcscf, source=(OTHER_UE, 5060, "udp"))
     assert create(pcscf, reg, source=(OTHER_UE, 5060, "udp")) == 1
@@ -330,23 +330,32 @@ def _protected(server: str, verify: str | None, method: str = "REGISTER"):
     return KsrMessage()
 
 
+def _verify(mod: m.Module, msg: KsrMessage, required: bool) -> int:
+    """As the routing calls it: with the contact whose SAs the request came through."""
+    return mod.check_security_verify(msg, mod.tunnel_contact(msg), required)
+
+
 def test_security_verify_must_repeat_security_server(pcscf):
     server = pcscf.registered()
     mod = pcscf.module
     reordered = ";".join(reversed(server.split(";")[1:]))
-    assert mod.check_security_verify(_protected(server, "ipsec-3gpp;" + reordered), True) == 1
-    assert mod.check_security_verify(_protected(server, server.replace("spi-c=", "spi-c=9")), True) == -1
-    assert mod.check_security_verify(_protected(server, None), True) == -1
+    assert _verify(mod, _protected(server, "ipsec-3gpp;" + reordered), True) == 1
+    assert _verify(mod, _protected(server, server.replace("spi-c=", "spi-c=9")), True) == -1
+    assert _verify(mod, _protected(server, None), True) == -1
     assert "missing" in "".join(KSR._rec.logs["err"])
-    assert mod.check_security_verify(_protected(server, None, "INVITE"), False) == 1
-    assert mod.check_security_verify(_protected(server, "garbage", "INVITE"), False) == -1
+    assert _verify(mod, _protected(server, None, "INVITE"), False) == 1
+    assert _verify(mod, _protected(server, "garbage", "INVITE"), False) == -1
 
 
-def test_security_verify_from_an_unknown_source_fails(pcscf):
+def test_a_protected_request_from_an_unknown_source_is_refused(pcscf):
     server = pcscf.registered()
-    KSR._load_request(register(security_verify=server), (OTHER_UE, PORT_UC, "udp"),
-                      (PCSCF, int(server_param(server, "port-s"))))
-    assert pcscf.module.check_security_verify(KsrMessage(), True) == -1
+    raw = register(security_verify=server)
+    local = (PCSCF, int(server_param(server, "port-s")))
+    KSR._load_request(raw, (OTHER_UE, PORT_UC, "udp"), local)
+    assert pcscf.module.tunnel_contact(KsrMessage()) is None
+    rec = pcscf.request(raw, source=(OTHER_UE, PORT_UC, "udp"), local=local)
+    assert [(r.code, r.reason) for r in rec.replies] == [(403, "Forbidden - No Tunnel")]
+    assert rec.relays == [] and "unknown tunnel" in rec.log_text()
 
 
 # -- ipsec_destroy / ipsec_destroy_by_contact -----------------------------------------------------
@@ -448,7 +457,7 @@ def test_startup_keeps_live_tunnels_and_flushes_strays(pcscf):
 
 def test_startup_without_live_tunnels_flushes_all_of_ours(pcscf):
     pcscf.registered()
-    pcscf.module.store.delete_contact(contact_of(pcscf).id)
+    pcscf.module.store.delete_contacts([contact_of(pcscf).id])
     pcscf.kernel.batch([codec.new_sa(_sa(PCSCF, 777))])
     pcscf.module.startup()
     assert pcscf.kernel.states(user=MARKER) == [] and pcscf.kernel.policies(user=MARKER) == []
@@ -485,7 +494,7 @@ def test_rekey_keeps_the_old_sas_until_a_register_comes_through_the_new_ones(pcs
     # a request through the old SAs still finds its phone
     KSR._load_request(request("MESSAGE", "sip:bob@ims.example", via=f"{UE}:{PORT_US}"),
                       (UE, PORT_UC, "udp"), (PCSCF, old_ps))
-    assert pcscf.module.check_security_verify(KsrMessage(), required=False) == 1
+    assert _verify(pcscf.module, KsrMessage(), required=False) == 1
     # the REGISTER through the new SAs, and its 200 OK
     new_ps = int(server_param(new_server, "port-s"))
     final = register(via=f"{UE}:32000", security_client=new_offer, security_verify=new_server,
@@ -497,3 +506,34 @@ def test_rekey_keeps_the_old_sas_until_a_register_comes_through_the_new_ones(pcs
     assert c.tunnel.security_server == new_server and c.pending is None
     assert len(pcscf.kernel.sas) == 4 and (PCSCF, old.lease.spi_pc) not in pcscf.kernel.sas
     assert leases(pcscf) == [(c.tunnel.lease.spi_pc, c.tunnel.lease.spi_ps)]
+
+
+def test_a_register_through_the_pending_sas_confirms_them_even_when_challenged_again(pcscf):
+    """The S-CSCF challenges again a REGISTER that came through the pending SAs: the phone has
+    switched to them (33.203 7.4), so they become the ones in use and the old ones go; the new
+    401 leaves through them, and the third SA set needs no third port pair."""
+    old_server = pcscf.registered()
+    old = contact_of(pcscf).tunnel
+    old_ps = int(server_param(old_server, "port-s"))
+
+    def challenged(offer_port: int, spi: int, verify: str, source_port: int, local_port: int,
+                   ck: str) -> str:
+        offer = OFFER.replace(f"port-c={PORT_UC}", f"port-c={offer_port}") \
+            .replace("spi-c=1111", f"spi-c={spi}").replace("spi-s=2222", f"spi-s={spi + 1}")
+        reg = register(via=f"{UE}:{source_port}", security_client=offer, security_verify=verify,
+                       cseq=spi)
+        rec = pcscf.request(reg, source=(UE, source_port, "udp"), local=(PCSCF, local_port))
+        rec = pcscf.register_reply(rec.relays[0], reply_to(reg, 401, "Unauthorized", (
+            f"WWW-Authenticate: {challenge(ck=ck * 16)}",)))
+        assert rec.values("Security-Server"), rec.log_text()
+        return rec.values("Security-Server")[0]
+
+    first = challenged(32000, 7000, old_server, PORT_UC, old_ps, "11")
+    confirmed = contact_of(pcscf).pending
+    second = challenged(33000, 8000, first, 32000, int(server_param(first, "port-s")), "22")
+    c = contact_of(pcscf)
+    assert c.tunnel == confirmed and c.pending.security_server == second
+    assert (PCSCF, confirmed.lease.spi_pc) in pcscf.kernel.sas  # the 401 leaves through these
+    assert (PCSCF, old.lease.spi_pc) not in pcscf.kernel.sas and len(pcscf.kernel.sas) == 8
+    assert sorted(leases(pcscf)) == sorted(
+        [(t.lease.spi_pc, t.lease.spi_ps) for t in (c.tunnel, c.pending)])

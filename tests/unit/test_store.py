@@ -282,13 +282,13 @@ def test_a_new_tunnel_replaces_the_old_which_stays_leased_until_released(store):
     assert store.set_tunnel(c.id, new) is None
 
 
-def test_delete_contact_hands_back_its_tunnel_unless_shared(store):
+def test_delete_contacts_hands_back_its_tunnel_unless_shared(store):
     a = registered_with_tunnel(store)
     b = pending(store, aor="sip:alice2@ims.example")
     store.set_tunnel(b.id, a.tunnel)
-    assert store.delete_contact(a.id) is None
-    assert store.delete_contact(b.id) == a.tunnel
-    assert store.delete_contact(b.id) is None
+    assert store.delete_contacts([a.id]) == []
+    assert store.delete_contacts([b.id]) == [a.tunnel]
+    assert store.delete_contacts([b.id]) == []
     assert store.stale_leases(0) == [a.tunnel]
 
 
@@ -320,6 +320,18 @@ def test_a_staged_tunnel_serves_its_phone_until_promoted_and_is_never_stale(stor
     assert store.stale_leases(0) == [c.tunnel] and store.promote(c.id) is None
 
 
+def test_deleting_a_contact_hands_back_its_pending_tunnel_too(store):
+    c = registered_with_tunnel(store)
+    new = tunnel_on(store, store.lease("10.0.0.1"), "10.0.0.1", spi_uc=21, spi_us=22)
+    store.stage_tunnel(c.id, new)
+    other = registered_with_tunnel(store, host="10.0.0.7")
+    freed = store.delete_contacts([c.id, other.id, 999])
+    assert freed == [c.tunnel, new, other.tunnel]
+    assert store.release_all(t.lease for t in freed) == 3
+    assert store.release_all(t.lease for t in freed) == 0
+    assert store.stale_leases(0) == [] and store.live_tunnels() == []
+
+
 def test_restaging_hands_back_the_previous_pending_tunnel(store):
     c = pending(store)
     first = tunnel_on(store, store.lease("10.0.0.1"), "10.0.0.1")
@@ -346,10 +358,10 @@ def test_a_sweep_never_deletes_a_contact_refreshed_since_it_listed_it(store):
     store.set_registered(c.id, 1000.0)
     assert [x.id for x in store.expired(now=2000.0, grace=30)] == [c.id]
     store.set_registered(c.id, 5000.0)  # another worker: the 200 OK of a re-registration
-    assert store.delete_contact(c.id, expired_at=(2000.0, 30)) is None
+    assert store.delete_contacts([c.id], expired_at=(2000.0, 30)) == []
     assert store.get_contact(c.id).tunnel == c.tunnel
     store.set_registered(c.id, 1000.0)
-    assert store.delete_contact(c.id, expired_at=(2000.0, 30)) == c.tunnel
+    assert store.delete_contacts([c.id], expired_at=(2000.0, 30)) == [c.tunnel]
 
 
 def test_live_tunnels_and_reset_when_no_contact_is_left(store):
@@ -359,7 +371,7 @@ def test_live_tunnels_and_reset_when_no_contact_is_left(store):
     assert store.stale_leases(60) == []
     assert store.stale_leases(0) == [in_flight]
     assert store.reset_leases_if_empty() == []
-    store.delete_contact(c.id)
+    store.delete_contacts([c.id])
     assert store.reset_leases_if_empty() == [c.tunnel, in_flight]
     assert store.live_tunnels() == [] and store.reset_leases_if_empty() == []
     assert store.lease().spi_pc == 1004  # the rotation survives the reset

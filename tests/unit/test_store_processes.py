@@ -180,7 +180,7 @@ OPERATIONS = {
     "set_registered": lambda s, ids: s.set_registered(ids["bob"], 1e10),
     "set_tunnel (swap)": lambda s, ids: s.set_tunnel(ids["alice"],
                                                     tunnel_on(s, ids["spare"], 2)),
-    "delete_contact": lambda s, ids: s.delete_contact(ids["alice"]),
+    "delete_contacts": lambda s, ids: s.delete_contacts([ids["alice"]]),
     "release attached": lambda s, ids: s.release(SPI_START),
 }
 
@@ -225,7 +225,7 @@ def test_processes_killed_at_random_moments_leave_a_consistent_store(tmp_path):
             contact = store.save_pending(f"sip:u{n}.{k}@ims", f"sip:u@{host}",
                                          Address(host, 5060), Address(host, 5060))
             store.set_tunnel(contact.id, tunnel_on(store, lease, n % 200))
-            store.release(store.delete_contact(contact.id).lease)
+            store.release_all(t.lease for t in store.delete_contacts([contact.id]))
 
     def leased_so_far() -> int:
         db = sqlite3.connect(path)
