@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 from . import headers, secagree, tunnel as kernel
 from .algorithms import AlgorithmError, EspAlgs
 from .params import Params
-from .sipuri import Address, SipUriError, parse_uri
+from .sipuri import Address, SipUriError, hostport, parse_uri
 from .store import Contact, Lease, Store, StoreError, Tunnel, UeSide, keep_tunnel
 from .xfrm import SA, Xfrm, XfrmError, XfrmExists
 
@@ -102,16 +102,12 @@ def kemi_function(fn: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _sock(proto: str, host: str, port: int) -> str:
-    return f"{proto}:{_hostport(host, port)}"
+    return f"{proto}:{hostport(host, port)}"
 
 
 def _uri(host: str, port: int, proto: str | None = None) -> str:
-    return f"sip:{_hostport(host, port)}" + (f";transport={proto}" if proto and proto != "udp" else "")
+    return f"sip:{hostport(host, port)}" + (f";transport={proto}" if proto and proto != "udp" else "")
 
 
 @dataclass
@@ -421,7 +417,7 @@ class Module:
         our protected server port, where its in-dialog requests arrive through SA1. `r2=on`
         marks the double Record-Route so loose_route consumes both of our entries."""
         t = contact.tunnel
-        return f"{_hostport(t.pcscf_host, t.lease.port_ps)};r2=on" + (
+        return f"{hostport(t.pcscf_host, t.lease.port_ps)};r2=on" + (
             f";transport={proto}" if proto != "udp" else "")
 
     # -- Security-Verify ------------------------------------------------------------------------

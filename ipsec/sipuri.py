@@ -51,6 +51,12 @@ def normalize_host(host: str) -> str:
         return bare.lower()
 
 
+def hostport(host: str, port: int) -> str:
+    """host:port as a URI or a Kamailio socket writes it: IPv6 in brackets."""
+    bare = host.strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
 def parse_uri(text: str) -> SipUri:
     """Split a sip:/sips: URI; accepts a `<...>`-enclosed header value, ignores `?headers`."""
     s = text.strip()

@@ -11,7 +11,7 @@ import KSR
 
 from ipsec import headers
 from ipsec.module import Module
-from ipsec.sipuri import SipUriError, parse_uri
+from ipsec.sipuri import SipUriError, hostport, parse_uri
 
 # Option tags and headers the P-CSCF consumes: the core must not see the phone's sec-agree.
 SEC_AGREE_HEADERS = ("Security-Client", "Security-Verify")
@@ -33,8 +33,7 @@ class Routing:
         self.pcscf_ip = (get_def("PCSCF_IP") or "127.0.0.1").strip('"')
         self.next_hop = (get_def("NEXT_HOP") or "").strip('"')
         # the Record-Route facing the core (record_route_preset form); r2=on: see phone_facing_rr
-        host = self.pcscf_ip if ":" not in self.pcscf_ip.strip("[]") else "[%s]" % self.pcscf_ip.strip("[]")
-        self.core_rr = "%s:5060;r2=on" % host
+        self.core_rr = "%s;r2=on" % hostport(self.pcscf_ip, 5060)
         try:
             self.next_hop_host = parse_uri(self.next_hop).host
         except SipUriError:

@@ -11,6 +11,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -378,30 +379,30 @@ class Phone:
         return r
 
     # -- receiving -------------------------------------------------------------------------
-    def _poll(self) -> list[tuple[Msg, object, tuple]]:
+    def _poll(self, timeout: float = 0.05) -> list[tuple[Msg, object, tuple]]:
+        """What arrived on any of the phone's sockets: one select() over all of them."""
+        udp = {s: port for port, s in self._udp.items()}
+        listening = {s: port for port, s in self._listen.items()}
+        tcp = {conn: key for key, conn in self._tcp.items()}
+        ready, _, _ = select.select([*udp, *listening, *tcp], [], [], timeout)
         got = []
-        for port, s in self._udp.items():
-            try:
+        for s in ready:
+            if s in udp:
                 data, peer = s.recvfrom(65535)
-                got.append((parse(data), port, peer))
-            except TimeoutError:
-                pass
-        for port, lst in self._listen.items():
-            try:
-                conn, peer = lst.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(0.01)
-            key = ("accepted", port, peer[1])
-            self._tcp[key] = conn
-            self._bufs[key] = bytearray()
-        for key, conn in list(self._tcp.items()):
-            try:
-                self._bufs[key] += conn.recv(65535)
-            except (TimeoutError, OSError):
-                pass
-            while (data := read_stream(self._bufs[key])) is not None:
-                got.append((parse(data), key, conn.getpeername()))
+                got.append((parse(data), udp[s], peer))
+            elif s in listening:
+                conn, peer = s.accept()
+                key = ("accepted", listening[s], peer[1])
+                self._tcp[key] = conn
+                self._bufs[key] = bytearray()
+            else:
+                key = tcp[s]
+                try:
+                    self._bufs[key] += s.recv(65535)
+                except OSError:
+                    continue
+                while (data := read_stream(self._bufs[key])) is not None:
+                    got.append((parse(data), key, s.getpeername()))
         return got
 
     def wait(self, pred, what: str, timeout: float = WAIT,

@@ -203,3 +203,31 @@ def test_errors_are_typed_and_name_the_object_not_the_keys():
 def test_tunnel_repr_hides_keys():
     t = Tunnel("10.0.0.1", "10.0.0.2", 1, 2, 3, 4, 5, 6, 7, 8, "hmac-md5-96", "null", CK, IK)
     assert "ck" not in repr(t) and repr(IK) not in repr(t)
+
+
+def test_one_socket_per_process_opened_lazily_and_anew_after_a_fork():
+    """Kamailio forks its workers after loading the script: no two processes may share a
+    netlink socket (their ACKs would cross). Dumps work on any kernel with XFRM."""
+    import os
+
+    from ipsec.xfrm import Xfrm
+
+    x = Xfrm()
+    assert x._sock is None  # nothing opened until used
+    x.count_policies(user=0x7E57)
+    parent_port = x._sock.getsockname()[0]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            x.count_policies(user=0x7E57)
+            os.write(write, str(x._sock.getsockname()[0]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child_port = int(os.read(read, 64) or b"0")
+    os.waitpid(pid, 0)
+    assert child_port not in (0, parent_port)
+    x.count_policies(user=0x7E57)
+    assert x._sock.getsockname()[0] == parent_port  # the parent keeps its own
+    x.close()
