@@ -16,10 +16,11 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from ipsec.sipuri import Address, alias_target, normalize_host, parse_uri, uri_target
+from ipsec.sipuri import (TRANSPORTS, Address, SipUri, alias_target, normalize_host, parse_uri,
+                          uri_target)
 from ipsec.store import schema
-from ipsec.store.records import (PENDING, REGISTERED, Contact, Lease, NotLeased, SpiExhausted,
-                                 StoreError, Tunnel, UeSide, UnknownContact)
+from ipsec.store.records import (PENDING, REGISTERED, Contact, Lease, NotLeased, PhoneSpiInUse,
+                                 SpiExhausted, StoreError, Tunnel, UeSide, UnknownContact)
 
 # Connections inherited across a fork are kept referenced, never closed or used: closing one
 # in the child could disturb the parent's locks and WAL (SQLite forbids using it there).
@@ -29,10 +30,12 @@ _SCAN_WINDOW = 512  # SPIs examined per query when looking for a free pair
 
 _CONTACT_COLUMNS = """
     c.id, c.aor, c.uri, c.via_host, c.via_port, c.via_proto,
-    c.received_host, c.received_port, c.received_proto, c.state, c.expires"""
+    c.received_host, c.received_port, c.received_proto, c.state, c.expires, c.transport"""
 _TUNNEL_COLUMNS = """
     t.spi_pc, t.spi_ps, t.port_pc, t.port_ps, t.ue_host, t.spi_uc, t.spi_us, t.port_uc,
-    t.port_us, t.alg, t.ealg, t.pcscf_host, t.keys_digest, t.offer, t.security_server"""
+    t.port_us, t.alg, t.ealg, t.pcscf_host, t.keys_digest, t.offer, t.security_server, t.txn"""
+_NC = _CONTACT_COLUMNS.count(",") + 1  # contact columns in a _CONTACT_SELECT row
+_NT = _TUNNEL_COLUMNS.count(",") + 1  # then the tunnel in use, then the pending one
 _CONTACT_SELECT = f"""
     SELECT {_CONTACT_COLUMNS}, {_TUNNEL_COLUMNS}, {_TUNNEL_COLUMNS.replace("t.", "p.")}
     FROM contacts c LEFT JOIN tunnels t ON t.id = c.tunnel_id
@@ -249,7 +252,9 @@ class Store:
         came from, or one of its tunnel's phone ports on that host, which is where a
         re-REGISTER comes from. A registered contact stays registered until its own expiry.
         """
-        target = uri_target(parse_uri(uri))
+        parsed = parse_uri(uri)
+        target = uri_target(parsed)
+        transport = _transport(parsed, received)
         via, received = _address(via), _address(received)
         with self._tx() as db:
             found = db.execute(
@@ -265,10 +270,10 @@ class Store:
                 contact_id = db.execute(
                     "INSERT INTO contacts (aor, uri, contact_host, contact_port, via_host,"
                     " via_port, via_proto, received_host, received_port, received_proto, state,"
-                    " expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " expires, transport) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (aor, uri, target.host, target.port, via.host, via.port, via.proto,
                      received.host, received.port, received.proto, PENDING,
-                     pending_until)).lastrowid
+                     pending_until, transport)).lastrowid
             else:
                 contact_id = found[0]
                 # a registration that has already ended (a de-registration whose teardown
@@ -276,19 +281,31 @@ class Store:
                 now = time.time()
                 db.execute(
                     "UPDATE contacts SET uri = ?, contact_host = ?, contact_port = ?, via_host = ?,"
-                    " via_port = ?, via_proto = ?,"
+                    " via_port = ?, via_proto = ?, transport = ?,"
                     " state = CASE WHEN expires <= ? THEN ? ELSE state END,"
                     " expires = CASE WHEN state = ? OR expires <= ? THEN ? ELSE expires END"
                     " WHERE id = ?",
-                    (uri, target.host, target.port, via.host, via.port, via.proto, now, PENDING,
-                     PENDING, now, pending_until, contact_id))
+                    (uri, target.host, target.port, via.host, via.port, via.proto, transport,
+                     now, PENDING, PENDING, now, pending_until, contact_id))
             return self._get(db, contact_id)
 
-    def set_registered(self, contact_id: int, expires: float) -> Contact:
-        """The 200 OK to REGISTER went out: registered until `expires` (epoch seconds)."""
+    def set_registered(self, contact_id: int, expires: float, *, uri: str | None = None,
+                       received: Address | None = None) -> Contact:
+        """The 200 OK to REGISTER went out: registered until `expires` (epoch seconds).
+
+        With `uri` (the REGISTER's Contact) and `received` (where that REGISTER came from),
+        the binding follows the phone: a re-registration through new SAs names its new
+        protected server port, and maybe another transport, in its Contact.
+        """
+        sets, args = "state = ?, expires = ?", [REGISTERED, expires]
+        if uri is not None:
+            parsed = parse_uri(uri)
+            target = uri_target(parsed)
+            sets += ", uri = ?, contact_host = ?, contact_port = ?, transport = ?"
+            args += [uri, target.host, target.port, _transport(parsed, received)]
         with self._tx() as db:
-            if db.execute("UPDATE contacts SET state = ?, expires = ? WHERE id = ?",
-                          (REGISTERED, expires, contact_id)).rowcount == 0:
+            if db.execute(f"UPDATE contacts SET {sets} WHERE id = ?",
+                          (*args, contact_id)).rowcount == 0:
                 raise UnknownContact(f"contact {contact_id}")
             return self._get(db, contact_id)
 
@@ -298,8 +315,19 @@ class Store:
         Written first, so that whatever happens next (the install fails, the worker dies)
         the store knows every SA and policy that may exist for it and the sweep can remove
         them. Returns the pending tunnel it replaces (a repeated challenge), still leased.
+        Refused (PhoneSpiInUse) while another tunnel has one of the phone's SPIs: the kernel
+        can hold only one SA per (phone address, SPI), so that one must go first.
         """
+        ue = tunnel.ue
         with self._tx() as db:
+            clash = db.execute(
+                "SELECT spi_pc FROM tunnels WHERE ue_host = ? AND spi_pc != ?"
+                " AND (spi_uc IN (?, ?) OR spi_us IN (?, ?))",
+                (ue.host, tunnel.lease.spi_pc, ue.spi_uc, ue.spi_us, ue.spi_uc,
+                 ue.spi_us)).fetchone()
+            if clash is not None:
+                raise PhoneSpiInUse(f"{ue.host} SPIs {ue.spi_uc}/{ue.spi_us} are those of the "
+                                    f"tunnel on spi-c={clash[0]}")
             row = self._write_phone_side(db, tunnel)
             old = self._get(db, contact_id).pending
             db.execute("UPDATE contacts SET pending_tunnel_id = ? WHERE id = ?", (row, contact_id))
@@ -328,11 +356,20 @@ class Store:
         db.execute(
             "UPDATE tunnels SET lease_host = ?, ue_host = ?, spi_uc = ?, spi_us = ?,"
             " port_uc = ?, port_us = ?, alg = ?, ealg = ?, pcscf_host = ?, keys_digest = ?,"
-            " offer = ?, security_server = ? WHERE id = ?",
+            " offer = ?, security_server = ?, txn = ? WHERE id = ?",
             (ue.host, ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, tunnel.alg,
              tunnel.ealg, tunnel.pcscf_host, tunnel.keys_digest,
-             tunnel.offer, tunnel.security_server, row[0]))
+             tunnel.offer, tunnel.security_server, tunnel.txn, row[0]))
         return row[0]
+
+    def tunnels_with_phone_spis(self, ue: UeSide) -> list[tuple[Tunnel, bool]]:
+        """Tunnels whose SAs to this phone use one of its SPIs (only one of them can be in
+        the kernel), each with whether some contact uses it (True) or only has it pending."""
+        rows = self._query(
+            f"SELECT {_TUNNEL_COLUMNS}, EXISTS (SELECT 1 FROM contacts c WHERE c.tunnel_id = t.id)"
+            " FROM tunnels t WHERE t.ue_host = ? AND (t.spi_uc IN (?, ?) OR t.spi_us IN (?, ?))",
+            (ue.host, ue.spi_uc, ue.spi_us, ue.spi_uc, ue.spi_us))
+        return [(_tunnel(row[:-1]), bool(row[-1])) for row in rows]
 
     def set_tunnel(self, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
         """Attach installed SAs (on a lease we hold) to a contact, in one transaction.
@@ -489,25 +526,33 @@ def _sqlite_errors(path: str) -> Iterator[None]:
         raise StoreError(f"store {path}: {exc}") from exc
 
 
+def _transport(uri: SipUri, received: Address | None) -> str:
+    """How to reach a phone: its Contact's transport parameter, else how it reached us."""
+    asked = uri.params.get("transport", "").lower()
+    if asked in TRANSPORTS:
+        return asked
+    return received.proto if received is not None else "udp"
+
+
 def _address(addr: Address) -> Address:
     """Accept any host/port/proto object, compared in the store's one spelling of hosts."""
     return Address(addr.host, addr.port, addr.proto)
 
 
 def _contact(row: tuple) -> Contact:
-    tunnel = _tunnel(row[11:26]) if row[15] is not None else None
-    pending = _tunnel(row[26:41]) if row[30] is not None else None
+    used, staged = row[_NC:_NC + _NT], row[_NC + _NT:_NC + 2 * _NT]
     return Contact(id=row[0], aor=row[1], uri=row[2], via=Address(row[3], row[4], row[5]),
                    received=Address(row[6], row[7], row[8]), state=row[9], expires=row[10],
-                   tunnel=tunnel, pending=pending)
+                   transport=row[11], tunnel=_tunnel(used) if used[4] is not None else None,
+                   pending=_tunnel(staged) if staged[4] is not None else None)
 
 
 def _tunnel(row: tuple) -> Tunnel:
     (spi_pc, spi_ps, port_pc, port_ps, ue_host, spi_uc, spi_us, port_uc, port_us, alg, ealg,
-     pcscf_host, digest, offer, security_server) = row
+     pcscf_host, digest, offer, security_server, txn) = row
     return Tunnel(Lease(spi_pc, spi_ps, port_pc, port_ps),
                   UeSide(ue_host, spi_uc, spi_us, port_uc, port_us), alg, ealg, pcscf_host,
-                  bytes(digest), offer, security_server)
+                  bytes(digest), offer, security_server, bytes(txn or b""))
 
 
 def _tunnel_or_lease(row: tuple) -> Tunnel | Lease:
