@@ -11,10 +11,11 @@ STAMP  := .stamp
 install: $(STAMP)/apt $(STAMP)/venv kamailio.paths.cfg
 
 # Where kamailio.cfg finds this checkout's KEMI script (app_python3 needs an absolute path);
-# rewritten whenever the checkout has moved.
-PATHS_LINE := \#!define KEMI_SCRIPT "$(CURDIR)/kemi/pcscf.py"
+# rewritten whenever the checkout has moved. `-A 'KEMI_SCRIPT="/abs/script.py"'` overrides it
+# (a script of the operator's own that imports kemi.pcscf; tools/profile_kemi.py does).
+PATHS_TEXT := \#!ifndef KEMI_SCRIPT\n\#!define KEMI_SCRIPT "$(CURDIR)/kemi/pcscf.py"\n\#!endif\n
 kamailio.paths.cfg: FORCE
-	@[ "$$(cat $@ 2>/dev/null)" = '$(PATHS_LINE)' ] || echo '$(PATHS_LINE)' > $@
+	@printf '$(PATHS_TEXT)' > $@.new && if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
 FORCE:
 
 $(STAMP)/apt: tools/install-deps

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ipsec import forks
 from ipsec.sipuri import normalize_host
 
 STRIPES = 4096
@@ -28,40 +29,58 @@ STRIPES = 4096
 _FLOCK = "@hhqqi4x"
 
 
-class UeLocks:
-    """Locks by phone address; open lazily, once per process (after Kamailio's fork)."""
+WRITER_BYTE = STRIPES  # the store's writer lock, past the phones' stripes
+
+
+class _LockFile:
+    """One descriptor on the lock file per process, opened lazily (after Kamailio's fork)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = -1
-        self._pid = 0
+        self._gen = -1
 
     def _file(self) -> int:
-        if self._fd < 0 or self._pid != os.getpid():
+        if self._fd < 0 or self._gen != forks.generation():
             # an inherited descriptor shares its locks with the parent: never use it
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._pid = os.getpid()
+            self._gen = forks.generation()
         return self._fd
+
+    @contextmanager
+    def _held(self, byte: int) -> Iterator[None]:
+        fd = self._file()
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET,
+                                                         byte, 1, 0))
+        try:
+            yield
+        finally:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET,
+                                                            byte, 1, 0))
+
+    def close(self) -> None:
+        """Close this process's descriptor (before the fork, as the store does)."""
+        if self._fd >= 0 and self._gen == forks.generation():
+            os.close(self._fd)
+        self._fd = -1
+
+
+class UeLocks(_LockFile):
+    """Locks by phone address."""
 
     @staticmethod
     def stripe(host: str) -> int:
         digest = hashlib.blake2b(normalize_host(host).encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") % STRIPES
 
-    @contextmanager
-    def held(self, host: str) -> Iterator[None]:
+    def held(self, host: str):
         """Hold the lock of `host` (waiting for it) for the body of the `with`."""
-        fd, start = self._file(), self.stripe(host)
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET,
-                                                         start, 1, 0))
-        try:
-            yield
-        finally:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET,
-                                                            start, 1, 0))
+        return self._held(self.stripe(host))
 
-    def close(self) -> None:
-        """Close this process's descriptor (before the fork, as the store does)."""
-        if self._fd >= 0 and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = -1
+
+class WriterLock(_LockFile):
+    """The store's writers take turns here before SQLite's own write lock. Always the
+    innermost lock: nothing else is taken while it is held."""
+
+    def held(self):
+        return self._held(WRITER_BYTE)

@@ -122,7 +122,8 @@ class Scscf:
         self.sock = _socket(link.pc, 4, socket.SOCK_DGRAM)
         self.sock.bind((self.addr, SCSCF_PORT))
         self.sock.settimeout(0.2)
-        self.keys: dict[str, tuple[bytes, bytes]] = {}  # AoR -> CK, IK of the last 401
+        # nonce -> CK, IK: what the phone's USIM derives from the challenge (RAND) it received
+        self.keys: dict[str, tuple[bytes, bytes]] = {}
         self.fixed_keys: tuple[bytes, bytes] | None = None
         self.expires: int | None = None  # override what the 200 OK grants
         # answer each challenged REGISTER a second time, with other keys, as a stateless core
@@ -176,16 +177,16 @@ class Scscf:
             self._answer(req, r)
             return
         ck, ik = self.fixed_keys or (secrets.token_bytes(16), secrets.token_bytes(16))
-        self.keys[aor] = (ck, ik)
         self._answer(req, self._challenge(req, ck, ik))
         if self.second_challenge:
             self._answer(req, self._challenge(req, secrets.token_bytes(16), secrets.token_bytes(16)))
 
-    @staticmethod
-    def _challenge(req: Msg, ck: bytes, ik: bytes) -> Msg:
+    def _challenge(self, req: Msg, ck: bytes, ik: bytes) -> Msg:
+        nonce = secrets.token_urlsafe(24)
+        self.keys[nonce] = (ck, ik)
         r = reply(req, 401, "Unauthorized - Challenging the UE", to_tag=token())
         r.add("WWW-Authenticate",
-              f'Digest realm="ims.test", nonce="{secrets.token_urlsafe(24)}", algorithm=AKAv1-MD5, '
+              f'Digest realm="ims.test", nonce="{nonce}", algorithm=AKAv1-MD5, '
               f'ck="{ck.hex()}", ik="{ik.hex()}", qop="auth"')
         return r
 
@@ -453,7 +454,8 @@ class Phone:
         server = response.get("Security-Server")
         assert server, "401 without Security-Server"
         p = params(server)
-        ck, ik = self.scscf.keys[self.aor]
+        nonce = re.search(r'nonce="([^"]+)"', response.get("WWW-Authenticate")).group(1)
+        ck, ik = self.scscf.keys[nonce]
         t = Tunnel(pcscf=self.pcscf, ue=self.ip, port_pc=int(p["port-c"]),
                    port_ps=int(p["port-s"]), port_uc=self.offer_uc, port_us=self.offer_us,
                    spi_pc=int(p["spi-c"]), spi_ps=int(p["spi-s"]), spi_uc=self.offer_spi_uc,

@@ -93,6 +93,20 @@ def test_a_new_register_with_the_same_offer_replaces_the_unused_pending_tunnel(p
     kernel_matches_store(pcscf)
 
 
+def test_a_late_401_to_an_abandoned_register_leaves_the_newer_tunnel(pcscf):
+    """Two REGISTERs in flight, their 401s handled in the other order (two workers): the
+    phone acts on the 401 to its latest REGISTER, so an earlier one's must not replace it."""
+    first_reg = pending(pcscf, cseq=1)
+    second_reg = pending(pcscf, cseq=2)
+    ok, newer = create(pcscf.module, second_reg, ck="22" * 16)
+    assert ok == 1
+    assert create(pcscf.module, first_reg) == (-1, None)
+    assert "earlier REGISTER" in KSR._rec.log_text()
+    (c,) = pcscf.module.store.find_by_aor("sip:alice@ims.example")
+    assert c.pending.security_server == newer
+    kernel_matches_store(pcscf)
+
+
 def test_the_phone_spis_of_a_tunnel_in_use_are_refused_and_nothing_changes(pcscf):
     """A re-registration must offer new SPIs (33.203 7.4); reusing those of the SAs in use
     cannot be served without breaking them: refused, the registration keeps working."""

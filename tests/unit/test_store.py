@@ -59,7 +59,7 @@ def test_files_are_private_even_with_a_permissive_umask(tmp_path):
         s = make(tmp_path / "ipsec.db")
         s.lease()
         names = sorted(p.name for p in tmp_path.iterdir())
-        assert names == ["ipsec.db", "ipsec.db-shm", "ipsec.db-wal"]
+        assert names == ["ipsec.db", "ipsec.db-shm", "ipsec.db-wal", "ipsec.db.lock"]
         for p in tmp_path.iterdir():
             assert p.stat().st_mode & 0o777 == 0o600, p
         s.close()
