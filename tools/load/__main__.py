@@ -13,7 +13,6 @@ import os
 import resource
 import shlex
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from ipsec.xfrm import Xfrm
 
 from .engine import Engine
 from .kamailio import Kamailio
-from .net import Link, drop_link, make_link, udp_sockets
+from .net import MAX_PHONES, Link, drop_link, make_link, udp_sockets
 from .phone import Phone
 from .report import Report, keep_run_dir, say
 from .scenario import SCSCF_PORT, ipsec_phases, relay_phases
@@ -50,10 +49,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="more kamailio.cfg defines, e.g. -D EXPIRY_GRACE=10 (repeatable)")
     ap.add_argument("--keep", metavar="DIR",
                     help="copy the run dir (Kamailio logs, store) to DIR (absolute) at the end")
-    ap.add_argument("--subnet", default="10.90.0.0/16", help="the rig's /16 (default 10.90.0.0/16)")
     opts = ap.parse_args(argv)
-    if opts.phones < 1 or opts.in_flight < 1:
-        ap.error("--phones and --in-flight must be at least 1")
+    if not 1 <= opts.phones <= MAX_PHONES or opts.in_flight < 1:
+        ap.error(f"--phones: 1..{MAX_PHONES}; --in-flight: at least 1")
     if not is_valid_pair(opts.alg, opts.ealg):
         ap.error(f"not a valid alg/ealg pair: {opts.alg}/{opts.ealg}")
     if opts.keep and not os.path.isabs(opts.keep):
@@ -97,7 +95,6 @@ def make_phones(engine: Engine, link: Link, offer: tuple[str, str]) -> list[Phon
 
 def make_stub(engine: Engine, link: Link) -> Scscf:
     (sock,) = udp_sockets(link.pc, [(link.pcscf, SCSCF_PORT)])
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # bursts of K phones
     stub = Scscf(sock, (link.pcscf, 5060))
     engine.stub = stub
     engine.watch(sock, stub.on_datagram, SCSCF_PORT)
@@ -113,10 +110,10 @@ def main(argv: list[str]) -> int:
         f"IPSEC_MAX_CONNECTIONS={opts.max_connections}, offer {opts.alg}/{opts.ealg}, "
         f"timeout {opts.timeout:g} s")
     t0 = time.monotonic()
-    link = make_link(f"load{os.getpid()}", opts.subnet, opts.phones)
+    link = make_link(f"load{os.getpid()}", opts.phones)
     xfrm = Xfrm(netns=link.ue)
     engine = Engine(link.pcscf, opts.timeout, xfrm)
-    report = Report(opts.phones)
+    report = Report()
     kamailios: list[Kamailio] = []
     phones: list[Phone] = []
     try:

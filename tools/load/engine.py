@@ -26,6 +26,7 @@ from ipsec.xfrm.model import SA, SAId
 
 if TYPE_CHECKING:
     from .phone import Phone
+    from .scscf import Scscf
 
 Handler = Callable[[int, bytes, tuple], None]
 XfrmDone = Callable[[str | None], None]
@@ -96,7 +97,7 @@ class Engine:
         # Read once per turn of the loop, right after the wait: a clock read is a system call,
         # and system calls are what User-mode Linux makes expensive (~9 us each).
         self.clock = self.now()
-        self.stub = None  # the Scscf, set once its socket is watched
+        self.stub: Scscf | None = None  # set once its socket is watched
         self._ep = select.epoll()
         self._handlers: dict[int, tuple[Handler, int, socket.socket]] = {}
         self._timers: list[tuple[float, int, Phone, int]] = []

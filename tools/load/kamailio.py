@@ -4,6 +4,7 @@ exactly the processes we started.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -54,7 +55,7 @@ class Kamailio:
         probe.settimeout(0.5)
         port = probe.getsockname()[1]
         try:
-            for n in range(1_000_000):
+            for n in itertools.count():
                 self._check_alive()
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"kamailio did not answer OPTIONS; log {self.log_path}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ipsec.xfrm.netns import entered
 
-PREFIX = 16
+SUBNET = ipaddress.IPv4Network("10.90.0.0/16")
 PC_MAC, UE_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 MAX_PHONES = 60000
 
@@ -36,31 +36,39 @@ class Link:
     phones: tuple[str, ...]  # one address per phone
 
 
-def phone_addresses(subnet: str, count: int) -> tuple[str, ...]:
-    """x.y.0.1 is the P-CSCF; phones take x.y.1.1 onwards."""
-    base = int(ipaddress.IPv4Network(subnet).network_address)
+def phone_addresses(count: int) -> tuple[str, ...]:
+    """10.90.0.1 is the P-CSCF; phones take 10.90.1.1 onwards."""
+    base = int(SUBNET.network_address)
     return tuple(str(ipaddress.IPv4Address(base + 257 + i)) for i in range(count))
 
 
-def make_link(tag: str, subnet: str, count: int) -> Link:
+def make_link(tag: str, count: int) -> Link:
+    """The two namespaces (named after `tag`, so runs never share them) and `count` phones."""
     if not 0 < count <= MAX_PHONES:
-        raise ValueError(f"1..{MAX_PHONES} phones fit in the /{PREFIX}")
-    net = ipaddress.IPv4Network(subnet)
-    link = Link(f"{tag}-pc", f"{tag}-ue", str(net.network_address + 1),
-                phone_addresses(subnet, count))
+        raise ValueError(f"1..{MAX_PHONES} phones fit in {SUBNET}")
+    link = Link(f"{tag}-pc", f"{tag}-ue", str(SUBNET.network_address + 1), phone_addresses(count))
+    try:
+        _build(link)
+    except RuntimeError:
+        drop_link(link)
+        raise
+    return link
+
+
+def _build(link: Link) -> None:
+    prefix = SUBNET.prefixlen
     for ns in (link.pc, link.ue):
         run("ip", "netns", "add", ns)
         run("ip", "-n", ns, "link", "set", "lo", "up")
     run("ip", "link", "add", "veth-pc", "netns", link.pc, "address", PC_MAC, "type", "veth",
         "peer", "name", "veth-ue", "netns", link.ue, "address", UE_MAC)
     run("ip", "-n", link.pc, "-batch", "-", stdin="".join(
-        [f"addr add {link.pcscf}/{PREFIX} dev veth-pc\n", "link set veth-pc up\n"]
+        [f"addr add {link.pcscf}/{prefix} dev veth-pc\n", "link set veth-pc up\n"]
         + [f"neigh replace {ip} lladdr {UE_MAC} dev veth-pc nud permanent\n" for ip in link.phones]))
     run("ip", "-n", link.ue, "-batch", "-", stdin="".join(
-        [f"addr add {ip}/{PREFIX} dev veth-ue\n" for ip in link.phones]
+        [f"addr add {ip}/{prefix} dev veth-ue\n" for ip in link.phones]
         + ["link set veth-ue up\n",
            f"neigh replace {link.pcscf} lladdr {PC_MAC} dev veth-ue nud permanent\n"]))
-    return link
 
 
 def drop_link(link: Link) -> None:

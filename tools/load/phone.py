@@ -49,6 +49,7 @@ class Phone:
         self.server = ""  # the Security-Server of `tunnel`: our Security-Verify
         self.pending: UeTunnel | None = None
         self.pending_server = ""
+        self.previous: UeTunnel | None = None  # the SA set a re-key replaced
         self.nonce, self.res = "", ""
         self.failed: str | None = None
         self.mt_seen = False
@@ -162,6 +163,10 @@ class Phone:
             cause += f"; earlier: {self.doubled}"
         self.failed = cause
         self.eng.finish(self, cause)
+
+    def forget_failure(self) -> None:
+        """A new start (the relay comparison): what went wrong before does not count."""
+        self.failed, self.doubled = None, ""
 
     def done(self) -> None:
         self.waiting = False
@@ -384,6 +389,7 @@ class Phone:
             self.fail(f"re-key REGISTER: {cause}")
             return
         self.step = "re-key: dropping the old SAs"
+        self.previous = old
         self.eng.xfrm(drop_requests(old), self._on_old_dropped)
 
     def _on_old_dropped(self, error: str | None) -> None:

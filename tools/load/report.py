@@ -37,8 +37,7 @@ def two_step(name: str, first: PhaseResult, second: PhaseResult) -> PhaseResult:
 
 
 class Report:
-    def __init__(self, phones: int) -> None:
-        self.phones = phones
+    def __init__(self) -> None:
         self.phases: list[PhaseResult] = []
         self.two_steps: dict[str, PhaseResult] = {}
         self.esp_lines: list[str] = []
@@ -61,6 +60,9 @@ class Report:
                               f"{sum(counters.values())} packets in all; "
                               f"{sum(failures.values())} phone SAs failed the check")
         self.esp_failures += failures
+
+    def esp_info(self, line: str) -> None:
+        self.esp_lines.append(line)
 
     @staticmethod
     def line(r: PhaseResult) -> str:

@@ -27,6 +27,11 @@ SA_KEYS: dict[str, Callable[[UeTunnel], tuple[str, int]]] = {
 }
 
 
+def sa_keys(t: UeTunnel) -> list[tuple[str, int]]:
+    """(destination, SPI) of all four SAs."""
+    return [(t.pcscf, t.spi_ps), (t.ue, t.spi_uc), (t.ue, t.spi_us), (t.pcscf, t.spi_pc)]
+
+
 def alive(phones: list[Phone]) -> list[Phone]:
     return [p for p in phones if p.failed is None]
 
@@ -45,7 +50,7 @@ def ipsec_phases(engine: Engine, link: Link, phones: list[Phone], pcscf: Kamaili
     say(f"P-CSCF (kamailio.cfg) up: {len(pcscf.processes())} processes, {took:.1f} s")
     first = phase(engine, report, "IPsec 401 step", phones, Phone.start_challenge, in_flight)
     ready = alive(phones)
-    phase(engine, report, "phones' SAs (untimed)", ready, Phone.start_install, max(1, len(ready)),
+    phase(engine, report, "IPsec phones' SAs (untimed)", ready, Phone.start_install, max(1, len(ready)),
           timed=False)
     before = esp_counters(link.pc)
     second = phase(engine, report, "IPsec protected REGISTER", alive(phones),
@@ -62,6 +67,9 @@ def ipsec_phases(engine: Engine, link: Link, phones: list[Phone], pcscf: Kamaili
     after = esp_counters(link.pc)
     report.esp("after the re-registration storm (new SAs)", after,
                esp_failures(before, after, alive(phones), list(SA_KEYS)[:2]))
+    old = [key for p in alive(phones) for key in sa_keys(p.previous)]
+    report.esp_info(f"old SAs of the re-keyed phones still on the P-CSCF right after "
+                            f"the storm: {sum(1 for key in old if key in after)} of {len(old)}")
     pcscf.stop()
 
 
@@ -81,7 +89,7 @@ def esp_failures(before: dict, after: dict, phones: list[Phone], names: list[str
 def relay_phases(engine: Engine, phones: list[Phone], relay: Kamailio, in_flight: int,
                  report: Report) -> None:
     for p in phones:
-        p.failed = None
+        p.forget_failure()
     took = relay.start()
     say(f"relay (tools/load/relay.cfg) up: {len(relay.processes())} processes, {took:.1f} s")
     first = phase(engine, report, "relay 401 step", phones, Phone.start_relay_challenge, in_flight)
