@@ -300,3 +300,84 @@ def test_strays_tell_a_repeated_answer_from_a_second_transactions(phone):
     phone.on_datagram(phone.port_us, _answer(phone, b"403 Forbidden"), ("10.90.0.1", 5100))
     assert phone.eng.finished[-1] == ("protected REGISTER: status 403 Forbidden; earlier: two "
                                       "different final responses (401, 401) to one REGISTER")
+
+
+# ---- the event loop over loopback sockets: the stub plays the proxy on 127.77.0.1:5060 ----
+
+@pytest.fixture
+def loop():
+    """An engine, two phones on 127.77.1.x and the stub listening where phones send."""
+    from tools.load.engine import Engine
+    from tools.load.phone import Phone
+
+    engine = Engine("127.77.0.1", 1.2, xfrm=None)  # timeout: one retransmission, at 0.5 s
+    (stub_sock,) = _bound([("127.77.0.1", 5060)])
+    engine.stub = Scscf(stub_sock, ("127.77.0.1", 5060))
+    phones = [Phone(i, f"127.77.1.{i + 1}", 20000, engine, ("hmac-sha-1-96", "aes-cbc"))
+              for i in range(2)]
+    socks = []
+    for p in phones:
+        ports = (p.port_plain, p.port_us, *p.ports_uc)
+        for port, s in zip(ports, _bound([(p.ip, port) for port in ports])):
+            p.socks[port] = s
+            engine.watch(s, p.on_datagram, port)
+            socks.append(s)
+    yield engine, stub_sock, phones
+    engine.close()
+    for s in [stub_sock, *socks]:
+        s.close()
+
+
+def _bound(endpoints):
+    out = []
+    for ep in endpoints:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(ep)
+        out.append(s)
+    return out
+
+
+def test_a_phase_runs_every_phone_through_real_sockets(loop):
+    from tools.load.phone import Phone
+
+    engine, stub_sock, phones = loop
+    engine.watch(stub_sock, engine.stub.on_datagram, 5060)
+    first = engine.run_phase("relay 401 step", phones, Phone.start_relay_challenge, 1)
+    second = engine.run_phase("relay REGISTER", phones, Phone.start_relay_authenticate, 2)
+    assert (first.ok, second.ok, first.failures, second.failures) == (2, 2, {}, {})
+    assert engine.stub.contacts[b"sip:u1@ims.test"] == b"sip:u1@127.77.1.2:20001"
+
+
+def test_a_lost_request_is_retransmitted_and_a_silent_peer_times_out(loop):
+    from tools.load.phone import Phone
+
+    engine, stub_sock, phones = loop
+    state = {"silent": False, "seen": set()}
+
+    def lossy(port, data, addr):
+        """The first copy of each request is lost; nothing is answered once silent."""
+        if state["silent"] or data not in state["seen"]:
+            state["seen"].add(data)
+            return
+        engine.stub.on_datagram(port, data, addr)
+
+    engine.watch(stub_sock, lossy, 5060)
+    r = engine.run_phase("relay 401 step", phones[:1], Phone.start_relay_challenge, 1)
+    assert (r.ok, r.retransmits) == (1, 1) and 0.5 <= r.latencies[0] < 1.0
+    state["silent"] = True
+    r = engine.run_phase("relay 401 step", phones[1:], Phone.start_relay_challenge, 1)
+    assert (r.failures, r.retransmits) == ({"relay 401 step: timeout": 1}, 1)
+    assert 1.2 <= r.wall < 1.5 and r.busy == 0
+
+
+def test_the_watchdog_ends_a_phase_whose_proxy_died(loop):
+    from tools.load.phone import Phone
+
+    engine, _, phones = loop
+
+    def dead():
+        raise RuntimeError("kamailio exited")
+
+    engine.watchdog = dead
+    with pytest.raises(RuntimeError, match="kamailio exited"):
+        engine.run_phase("relay 401 step", phones, Phone.start_relay_challenge, 2)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 Handler = Callable[[int, bytes, tuple], None]
 XfrmDone = Callable[[str | None], None]
 IDLE_WAIT = 0.2  # seconds the loop blocks at most: phase ends are noticed this fast
+WATCH_EVERY = 1.0  # seconds between two calls of the watchdog
 STRAY = "stray response: "
 
 
@@ -77,6 +78,10 @@ class PhaseResult:
         return self.cpu / self.wall if self.wall > 0 else 0.0
 
 
+def _nothing() -> None:
+    return None
+
+
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -98,6 +103,9 @@ class Engine:
         # and system calls are what User-mode Linux makes expensive (~9 us each).
         self.clock = self.now()
         self.stub: Scscf | None = None  # set once its socket is watched
+        # Called every second of a phase; raises RuntimeError when the run is pointless (the
+        # proxy under test died: every phone would wait for its timeout).
+        self.watchdog: Callable[[], None] = _nothing
         self._ep = select.epoll()
         self._handlers: dict[int, tuple[Handler, int, socket.socket]] = {}
         self._timers: list[tuple[float, int, Phone, int]] = []
@@ -152,7 +160,11 @@ class Engine:
         result = self._result = PhaseResult(name, len(todo), timed=timed)
         cpu = _cpu()
         t0 = self._last_ok = self.clock = self.now()
+        next_watch = t0 + WATCH_EVERY
         while todo or self._active:
+            if self.clock >= next_watch:
+                self.watchdog()
+                next_watch = self.clock + WATCH_EVERY
             if self._active < in_flight and todo:
                 self.clock = self.now()
                 while self._active < in_flight and todo:

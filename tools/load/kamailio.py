@@ -45,7 +45,8 @@ class Kamailio:
         self._wait_workers(deadline)
         return time.monotonic() - t0
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raise RuntimeError, with the end of its log, when Kamailio's main process is gone."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"kamailio exited {self.proc.returncode}; log {self.log_path}:\n"
                                + self.log_tail())
@@ -56,7 +57,7 @@ class Kamailio:
         port = probe.getsockname()[1]
         try:
             for n in itertools.count():
-                self._check_alive()
+                self.check_alive()
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"kamailio did not answer OPTIONS; log {self.log_path}")
                 probe.sendto(_options(self.address, port, n), (self.address, 5060))
@@ -71,7 +72,7 @@ class Kamailio:
     def _wait_workers(self, deadline: float) -> None:
         count, since = -1, time.monotonic()
         while time.monotonic() < deadline:
-            self._check_alive()
+            self.check_alive()
             now_count = len(self.processes())
             if now_count != count:
                 count, since = now_count, time.monotonic()

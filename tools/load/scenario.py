@@ -47,6 +47,7 @@ def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
 def ipsec_phases(engine: Engine, link: Link, phones: list[Phone], pcscf: Kamailio,
                  in_flight: int, report: Report) -> None:
     took = pcscf.start()
+    engine.watchdog = pcscf.check_alive
     say(f"P-CSCF (kamailio.cfg) up: {len(pcscf.processes())} processes, {took:.1f} s")
     first = phase(engine, report, "IPsec 401 step", phones, Phone.start_challenge, in_flight)
     ready = alive(phones)
@@ -91,6 +92,7 @@ def relay_phases(engine: Engine, phones: list[Phone], relay: Kamailio, in_flight
     for p in phones:
         p.forget_failure()
     took = relay.start()
+    engine.watchdog = relay.check_alive
     say(f"relay (tools/load/relay.cfg) up: {len(relay.processes())} processes, {took:.1f} s")
     first = phase(engine, report, "relay 401 step", phones, Phone.start_relay_challenge, in_flight)
     second = phase(engine, report, "relay REGISTER", alive(phones),
