@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
                          "relay", {"PCSCF_IP": link.pcscf, "CHILDREN": str(opts.children),
                                    "NEXT_HOP": f'"sip:{link.pcscf}:{SCSCF_PORT}"'})
         kamailios.append(relay)
-        relay_phases(engine, phones, relay, opts.in_flight, report)
+        relay_phases(engine, link, phones, relay, opts.in_flight, report)
     except RuntimeError as e:
         say(f"load: the rig failed: {e}")
         report.broken = str(e)

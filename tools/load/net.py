@@ -76,6 +76,14 @@ def drop_link(link: Link) -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def flush_xfrm(link: Link) -> None:
+    """No SA or policy left on either side: the relay is measured on a kernel without IPsec
+    state, as a P-CSCF without IPsec would run."""
+    for ns in (link.pc, link.ue):
+        run("ip", "-n", ns, "xfrm", "policy", "flush")
+        run("ip", "-n", ns, "xfrm", "state", "flush")
+
+
 def udp_sockets(ns: str, endpoints: list[tuple[str, int]]) -> list[socket.socket]:
     """Bound UDP sockets in namespace `ns` (a socket keeps the namespace it was made in)."""
     with entered(ns):

@@ -3,7 +3,7 @@
 IPsec (this project's kamailio.cfg): 401 step; the phones' SAs (untimed); protected REGISTER;
 MO MESSAGE; MT MESSAGE; ESP counters; re-registration storm with new keys, SPIs and client
 port (33.203 7.4); ESP counters. Then the relay (tools/load/relay.cfg), same boot, same
-phones: 401 step and the second REGISTER.
+phones, every SA and policy flushed from both namespaces: 401 step and the second REGISTER.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from .engine import Engine, PhaseResult
 from .kamailio import Kamailio
-from .net import Link, esp_counters
+from .net import Link, esp_counters, flush_xfrm
 from .phone import Phone
 from .report import Report, say
 from .ue_ipsec import UeTunnel
@@ -87,10 +87,11 @@ def esp_failures(before: dict, after: dict, phones: list[Phone], names: list[str
     return out
 
 
-def relay_phases(engine: Engine, phones: list[Phone], relay: Kamailio, in_flight: int,
-                 report: Report) -> None:
+def relay_phases(engine: Engine, link: Link, phones: list[Phone], relay: Kamailio,
+                 in_flight: int, report: Report) -> None:
     for p in phones:
         p.forget_failure()
+    flush_xfrm(link)
     took = relay.start()
     engine.watchdog = relay.check_alive
     say(f"relay (tools/load/relay.cfg) up: {len(relay.processes())} processes, {took:.1f} s")
