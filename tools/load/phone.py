@@ -33,7 +33,7 @@ Final = Callable[[int, bytes, int, tuple], None]
 class Phone:
     """A UE. `tunnel` is the SA set in use, `pending` the one its last 401 announced."""
 
-    def __init__(self, idx: int, ip: str, base_port: int, engine: "Engine",
+    def __init__(self, idx: int, ip: str, base_port: int, engine: Engine,
                  offer: tuple[str, str]) -> None:
         self.idx, self.ip, self.eng, self.offer = idx, ip, engine, offer
         self.user = f"u{idx}"
