@@ -1,7 +1,7 @@
 """The P-CSCF's KEMI script under cProfile, for `make profile` (never for production).
 
 Kamailio loads it instead of kemi/pcscf.py (`-A 'KEMI_SCRIPT="<this file>"'`, with the
-define PROFILE_DIR naming a writable directory). Each callback of the real script runs under
+define PROFILE_DIR naming a writable directory, else RUN_DIR/profile). Each callback of the real script runs under
 one cProfile.Profile per process (or, with the define PROFILE_TIMES_ONLY, only timed: the
 profiler's own cost is large where system calls are dear, as in User-mode Linux); every worker writes its statistics to PROFILE_DIR/<pid>.prof
 every few calls (Kamailio's children do not run Python's exit hooks), and `tools/profile_run.py`
@@ -29,7 +29,12 @@ _cpu = 0.0
 
 
 def _out_dir() -> str:
-    return KSR.kx.get_def("PROFILE_DIR").strip('"')
+    """PROFILE_DIR, else RUN_DIR/profile (make load KEEP=DIR brings the run dir home)."""
+    out = (KSR.kx.get_def("PROFILE_DIR") or "").strip('"')
+    if not out:
+        out = os.path.join(KSR.kx.get_def("RUN_DIR").strip('"'), "profile")
+        os.makedirs(out, exist_ok=True)
+    return out
 
 
 def _dump() -> None:

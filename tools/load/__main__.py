@@ -26,7 +26,9 @@ from .kamailio import Kamailio
 from .net import MAX_PHONES, Link, drop_link, make_link, udp_sockets
 from .phone import Phone
 from .report import Report, keep_run_dir, say
+from . import scenario
 from .scenario import SCSCF_PORT, ipsec_phases, relay_phases
+from .spy import Spy, summary
 from .scscf import Scscf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +49,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="seconds a transaction may take (default 32: RFC 3261 timer F)")
     ap.add_argument("--define", "-D", action="append", default=[], metavar="NAME=VALUE",
                     help="more kamailio.cfg defines, e.g. -D EXPIRY_GRACE=10 (repeatable)")
+    ap.add_argument("--relay-cfg", metavar="CFG", default=str(ROOT / "tools" / "load" / "relay.cfg"),
+                    help="the reference relay's cfg (default tools/load/relay.cfg; "
+                         "tools/load/kemi_relay.cfg relays through a KEMI Python script)")
+    ap.add_argument("--py-spy", action="store_true",
+                    help="sample Kamailio with py-spy during each timed phase (one file per phase "
+                         "in the run dir's py-spy/, kept with --keep) and print where time went")
     ap.add_argument("--keep", metavar="DIR",
                     help="copy the run dir (Kamailio logs, store) to DIR (absolute) at the end")
     opts = ap.parse_args(argv)
@@ -114,6 +122,8 @@ def main(argv: list[str]) -> int:
     xfrm = Xfrm(netns=link.ue)
     engine = Engine(link.pcscf, opts.timeout, xfrm)
     report = Report()
+    if opts.py_spy:
+        scenario.SPY = Spy(run_dir / "py-spy")
     kamailios: list[Kamailio] = []
     phones: list[Phone] = []
     try:
@@ -125,9 +135,10 @@ def main(argv: list[str]) -> int:
                          pcscf_defines(opts, link.pcscf, run_dir))
         kamailios.append(pcscf)
         ipsec_phases(engine, link, phones, pcscf, opts.in_flight, report)
-        relay = Kamailio(link.pc, link.pcscf, ROOT / "tools" / "load" / "relay.cfg", run_dir,
+        relay = Kamailio(link.pc, link.pcscf, Path(opts.relay_cfg).resolve(), run_dir,
                          "relay", {"PCSCF_IP": link.pcscf, "CHILDREN": str(opts.children),
-                                   "NEXT_HOP": f'"sip:{link.pcscf}:{SCSCF_PORT}"'})
+                                   "NEXT_HOP": f'"sip:{link.pcscf}:{SCSCF_PORT}"',
+                                   "KEMI_RELAY": f'"{ROOT / "tools" / "load" / "kemi_relay.py"}"'})
         kamailios.append(relay)
         relay_phases(engine, link, phones, relay, opts.in_flight, report)
     except RuntimeError as e:
@@ -142,6 +153,8 @@ def main(argv: list[str]) -> int:
             for s in p.socks.values():
                 s.close()
         drop_link(link)
+    for profile in sorted((run_dir / "py-spy").glob("*.txt")):
+        print(summary(profile), "\n", flush=True)
     kept = bool(opts.keep) and keep_run_dir(run_dir, Path(opts.keep))
     report.print(kamailios, Path(opts.keep) if kept else None)
     shutil.rmtree(run_dir, ignore_errors=True)

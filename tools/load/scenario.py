@@ -15,6 +15,7 @@ from .kamailio import Kamailio
 from .net import Link, esp_counters, flush_xfrm
 from .phone import Phone
 from .report import Report, say
+from .spy import Spy
 from .ue_ipsec import UeTunnel
 
 SCSCF_PORT = 6060
@@ -36,9 +37,21 @@ def alive(phones: list[Phone]) -> list[Phone]:
     return [p for p in phones if p.failed is None]
 
 
+# --py-spy: the profiler, and the Kamailio whose phases run now
+SPY: Spy | None = None
+_watched: Kamailio | None = None
+
+
 def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
           start: Callable[[Phone], None], in_flight: int, timed: bool = True) -> PhaseResult:
-    result = engine.run_phase(name, phones, start, in_flight, timed)
+    spying = SPY is not None and timed and _watched is not None
+    if spying:
+        SPY.start(_watched.proc.pid, name)
+    try:
+        result = engine.run_phase(name, phones, start, in_flight, timed)
+    finally:
+        if spying:
+            SPY.stop()
     report.add(result)
     say(report.line(result))
     return result
@@ -46,7 +59,9 @@ def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
 
 def ipsec_phases(engine: Engine, link: Link, phones: list[Phone], pcscf: Kamailio,
                  in_flight: int, report: Report) -> None:
+    global _watched
     took = pcscf.start()
+    _watched = pcscf
     engine.watchdog = pcscf.check_alive
     say(f"P-CSCF (kamailio.cfg) up: {len(pcscf.processes())} processes, {took:.1f} s")
     first = phase(engine, report, "IPsec 401 step", phones, Phone.start_challenge, in_flight)
@@ -92,7 +107,9 @@ def relay_phases(engine: Engine, link: Link, phones: list[Phone], relay: Kamaili
     for p in phones:
         p.forget_failure()
     flush_xfrm(link)
+    global _watched
     took = relay.start()
+    _watched = relay
     engine.watchdog = relay.check_alive
     say(f"relay (tools/load/relay.cfg) up: {len(relay.processes())} processes, {took:.1f} s")
     first = phase(engine, report, "relay 401 step", phones, Phone.start_relay_challenge, in_flight)

@@ -1,0 +1,80 @@
+"""Sampling profiles of Kamailio during the timed phases (`make load ... --py-spy DIR`).
+
+py-spy samples every process of the Kamailio tree (the embedded interpreter's Python frames
+and, with native frames, Kamailio's own C), 100 times a second, with no hook in the script
+and little cost to the processes it watches, unlike cProfile, whose clock reads are system
+calls that User-mode Linux makes dear. One collapsed-stack file per phase;
+`python -m tools.load.spy DIR/*.txt` prints where the samples fell.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+class Spy:
+    """py-spy recording one Kamailio tree, phase by phase."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.proc: subprocess.Popen | None = None
+        exe = Path(sys.executable).with_name("py-spy")
+        self.exe = str(exe) if exe.exists() else shutil.which("py-spy")
+        if self.exe is None:
+            raise RuntimeError("py-spy not found: .venv/bin/python -m pip install py-spy")
+
+    def start(self, pid: int, phase: str) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^a-z0-9]+", "-", phase.lower()).strip("-")
+        self.proc = subprocess.Popen(
+            [self.exe, "record", "--pid", str(pid), "--subprocesses", "--native", "--rate", "100",
+             "--format", "raw", "--output", str(self.out / f"{name}.txt"), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+
+def summary(path: Path, top: int = 25) -> str:
+    """Samples by function: where they fell (self) and what they passed through (total)."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        frames = [_short(f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            total[f] += n
+    lines = [f"{path.name}: {samples} samples (100 a second, every Kamailio process)",
+             f"{'self %':>7} {'total %':>8}  function"]
+    for name, n in own.most_common(top):
+        lines.append(f"{100 * n / samples:7.1f} {100 * total[name] / samples:8.1f}  {name}")
+    lines.append("  -- by total --")
+    for name, n in total.most_common(top):
+        lines.append(f"{100 * own[name] / samples:7.1f} {100 * n / samples:8.1f}  {name}")
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    """'func (file.py:12)' -> 'func (file.py)'; process prefixes dropped."""
+    frame = re.sub(r":\d+\)$", ")", frame.strip())
+    return re.sub(r"^process \d+:", "", frame)
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        print(summary(Path(arg)))
+        print()
