@@ -171,10 +171,10 @@ def find_contacts(env: Env, target: str | None, contact_id: int | None) -> list[
 
 
 def list_filter(env: Env, aor: str | None, ip: str | None) -> list[Contact]:
-    store = env.store()
-    host = views.phone_query(ip)["host"] if ip else None
     if ip and not views.is_ip(ip):
         raise CliError(Exit.USAGE, f"--ip {ip!r} is not an IP address")
+    store = env.store()
+    host = views.phone_query(ip)["host"] if ip else None
     for candidate in views.aor_candidates(aor) if aor else [None]:
         found = store_call(lambda: store.contacts_matching(aor=candidate, host=host))
         if found:

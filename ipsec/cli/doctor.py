@@ -10,7 +10,7 @@ for a moment, so `commands` looks twice and keeps what `confirmed` finds both ti
 from __future__ import annotations
 
 import errno
-import socket
+import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from ipsec.algorithms import VALID_PAIRS, esp_algs
 from ipsec.module import STALE_LEASE_AGE
 from ipsec.params import Params
+from ipsec.sipuri import normalize_host
 from ipsec.store import Contact, Lease, Tunnel
 from ipsec.xfrm import Dir
 
@@ -141,9 +142,9 @@ def expected_sockets(params: Params, sip_addrs: Sequence[str], sip_port: int) ->
     """Every socket kamailio.cfg binds from these defines: 5060 on PCSCF_IP(6), and each
     protected client and server port on IPSEC_LISTEN_ADDR(6), UDP and TCP."""
     out = []
-    for host in sip_addrs:
+    for host in map(normalize_host, sip_addrs):
         out += [Socket(proto, host, sip_port, "unprotected SIP") for proto in ("udp", "tcp")]
-    addrs = [a.strip("[]") for a in (params.ipsec_listen_addr, params.ipsec_listen_addr6) if a]
+    addrs = [normalize_host(a) for a in (params.ipsec_listen_addr, params.ipsec_listen_addr6) if a]
     for host in addrs:
         for ports, role in ((params.client_ports, "protected client port"),
                             (params.server_ports, "protected server port")):
@@ -171,8 +172,7 @@ def parse_proc_net(text: str, proto: str) -> set[tuple[str, str, int]]:
         hexaddr, _, hexport = fields[1].partition(":")
         raw = b"".join(struct.pack("=I", int(hexaddr[i:i + 8], 16))
                        for i in range(0, len(hexaddr), 8))
-        fam = socket.AF_INET6 if len(raw) == 16 else socket.AF_INET
-        found.add((proto, socket.inet_ntop(fam, raw), int(hexport, 16)))
+        found.add((proto, ipaddress.ip_address(raw).compressed, int(hexport, 16)))
     return found
 
 

@@ -1,0 +1,171 @@
+"""What the command-line tests share (unit and kernel): running `ims-ipsec` in-process against
+a P-CSCF's store and kernel, /proc/net text, and the JSON shapes the README documents."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipsec.cli.commands import Env
+from ipsec.cli.main import main
+from scenario import Pcscf, challenge, register, reply_to
+
+# -- the JSON shapes (README "ims-ipsec", --json) -------------------------------------------
+
+
+class Opt:
+    """A value of this shape, or null."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = shape
+
+
+ADDR = {"host": str, "port": int, "proto": str}
+KERNEL = {"ok": bool, "sas": int, "policies": int, "missing": [str], "differs": [str]}
+TUNNEL = {"role": str, "pcscf": str, "ue": str, "spi_pc": int, "spi_ps": int, "port_pc": int,
+          "port_ps": int, "spi_uc": int, "spi_us": int, "port_uc": int, "port_us": int,
+          "alg": str, "ealg": str, "kernel": Opt(KERNEL)}
+SA_ROW = {"sa": str, "src": str, "sport": int, "dst": str, "dport": int, "spi": int,
+          "reqid": int, "auth": Opt(str), "crypt": Opt(str), "aead": Opt(str), "present": bool,
+          "differences": [str], "packets": Opt(int), "bytes": Opt(int), "replay": Opt(int),
+          "integrity_failed": Opt(int), "add_time": Opt(int), "use_time": Opt(int)}
+POLICY_ROW = {"sa": str, "dir": str, "src": str, "sport": int, "dst": str, "dport": int,
+              "reqid": int, "present": bool, "differences": [str], "index": Opt(int),
+              "add_time": Opt(int), "use_time": Opt(int)}
+TUNNEL_DETAIL = {**TUNNEL, "sas": [SA_ROW], "policies": [POLICY_ROW]}
+CONTACT = {"id": int, "aor": str, "uri": str, "received": ADDR, "via": ADDR, "state": str,
+           "expires": float, "expires_in": float, "tunnel": Opt(TUNNEL), "pending": Opt(TUNNEL)}
+CONTACT_DETAIL = {**CONTACT, "tunnel": Opt(TUNNEL_DETAIL), "pending": Opt(TUNNEL_DETAIL)}
+LIST = {"store": str, "now": float, "contacts": [CONTACT]}
+SHOW = {"store": str, "now": float, "contacts": [CONTACT_DETAIL]}
+STATS = {"store": str, "now": float,
+         "contacts": {"total": int, "pending": int, "registered": int, "expired": int},
+         "tunnels": {"total": int, "in_use": int, "pending": int, "unattached": int,
+                     "leased_only": int},
+         "spi_pairs": {"first_spi": int, "total": int, "used": int, "free": int},
+         "port_pairs": [{"index": Opt(int), "port_pc": int, "port_ps": int, "tunnels": int}],
+         "kernel": Opt({"sas": int, "policies": int})}
+DOCTOR = {"store": str, "now": float, "worst": str,
+          "findings": [{"check": str, "severity": str, "what": str, "fix": str}]}
+DROP = {"dropped": [CONTACT], "tunnels": int, "pieces_removed": int, "pieces_already_gone": int,
+        "leases_released": int}
+FLUSH = {"contacts": int, "sas": int, "policies": int, "leases_released": int}
+SEVERITIES = {"ok", "warning", "problem"}
+CHECKS = {"params", "esp", "algorithms", "listen", "store", "drift", "sweep"}
+
+
+def conforms(value: Any, shape: Any, where: str = "$") -> None:
+    """Raise AssertionError naming the first place where `value` does not have `shape`:
+    a type, {key: shape} (exactly these keys), [shape] (a list of it), or Opt(shape)."""
+    if isinstance(shape, Opt):
+        if value is not None:
+            conforms(value, shape.shape, where)
+    elif isinstance(shape, dict):
+        assert isinstance(value, dict), f"{where}: {value!r} is not an object"
+        assert set(value) == set(shape), f"{where}: keys {sorted(value)} != {sorted(shape)}"
+        for key, sub in shape.items():
+            conforms(value[key], sub, f"{where}.{key}")
+    elif isinstance(shape, list):
+        assert isinstance(value, list), f"{where}: {value!r} is not a list"
+        for i, item in enumerate(value):
+            conforms(item, shape[0], f"{where}[{i}]")
+    else:
+        ok = isinstance(value, shape) and not (shape is int and isinstance(value, bool))
+        assert ok, f"{where}: {value!r} is not {shape.__name__}"
+
+
+# -- /proc/net ------------------------------------------------------------------------------
+
+def proc_text(sockets: Iterable[tuple[str, str, int]], name: str) -> str:
+    """/proc/net/<name> as the kernel prints it, for these (proto, host, port) sockets."""
+    proto, v6 = name.rstrip("6"), name.endswith("6")
+    lines = ["  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"
+             "   uid  timeout inode"]
+    for i, (p, host, port) in enumerate(sorted(sockets)):
+        if p != proto or (":" in host) != v6:
+            continue
+        raw = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, host)
+        words = "".join(f"{struct.unpack('=I', raw[j:j + 4])[0]:08X}"
+                        for j in range(0, len(raw), 4))
+        state = "0A" if proto == "tcp" else "07"
+        lines.append(f"{i:4}: {words}:{port:04X} {'0' * len(words)}:0000 {state} "
+                     "00000000:00000000 00:00000000 00000000     0        0 1 2 0 0")
+    return "\n".join(lines) + "\n"
+
+
+def sockets_of(listen: Iterable[str]) -> set[tuple[str, str, int]]:
+    """scenario.listen_sockets' "udp:10.0.0.1:5060" as (proto, host, port)."""
+    out = set()
+    for s in listen:
+        proto, rest = s.split(":", 1)
+        host, _, port = rest.rpartition(":")
+        out.add((proto, host.strip("[]"), int(port)))
+    return out
+
+
+# -- running the command line --------------------------------------------------------------
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+class TtyBuffer(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@dataclass
+class Cli:
+    """`ims-ipsec` run in-process against a P-CSCF of the tests: its defines (so the store is
+    found as kamailio.cfg's defines say), its kernel (fake or real), its clock."""
+
+    defines: dict[str, str]
+    kernel: Any
+    clock: Callable[[], float]
+    bound: set[tuple[str, str, int]] = field(default_factory=set)
+    stdin: str = ""
+    tty: bool = False
+    between_looks: Callable[[], None] = lambda: None
+    procs_read: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def __call__(self, *argv: str) -> Ran:
+        out, err = io.StringIO(), (TtyBuffer() if self.tty else io.StringIO())
+
+        def read_proc(name: str, netns: str | None) -> str:
+            self.procs_read.append((name, netns))
+            return proc_text(self.bound, name)
+
+        def make_env(config, args) -> Env:
+            return Env(config, self.kernel, out, err, io.StringIO(self.stdin), json=args.json,
+                       clock=self.clock, sleep=lambda _s: self.between_looks(),
+                       read_proc=read_proc, settle=0)
+
+        args = [a for name, value in self.defines.items() for a in ("-A", f"{name}={value}")]
+        code = main([*args, *argv], make_env=make_env)
+        return Ran(code, out.getvalue(), err.getvalue())
+
+
+def cli_for(p: Pcscf, defines: dict[str, str], listen: Iterable[str]) -> Cli:
+    return Cli(defines, p.kernel, p.clock, sockets_of(listen))
+
+
+def challenged(p: Pcscf, *, ue: str, aor: str, offer: str | None = None) -> str:
+    """A phone's first REGISTER answered by a 401: its contact pending, its tunnel staged as
+    pending. Returns the Security-Server sent."""
+    kw = {"security_client": offer} if offer else {}
+    raw = register(aor=aor, contact=f"sip:phone@{ue}:5060", via=f"{ue}:5060", **kw)
+    (relay,) = p.request(raw, source=(ue, 5060, "udp")).relays
+    rec = p.register_reply(relay, reply_to(raw, 401, "Unauthorized",
+                                           (f"WWW-Authenticate: {challenge()}",)))
+    return rec.values("Security-Server")[0]
