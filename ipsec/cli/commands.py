@@ -95,15 +95,21 @@ class Env:
 
 def check_store_file(path: str) -> None:
     """Refuse, with the exit code scripts expect, before SQLite would create or lock anything."""
-    if not os.path.exists(path):
+    no_permission = CliError(Exit.PERMISSION, f"store {path}: no permission (SQLite in WAL "
+                             "mode writes next to it even to read): run as root or as "
+                             "Kamailio's user")
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
         raise CliError(Exit.STORE, f"store {path} does not exist: the P-CSCF has not run with "
                        "this store (give its path with --store, or the defines RUN_DIR / "
-                       "IPSEC_STORE it runs with)")
+                       "IPSEC_STORE it runs with)") from None
+    except PermissionError:
+        raise no_permission from None
     if not os.access(path, os.R_OK | os.W_OK) or not os.access(
             os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK):
-        raise CliError(Exit.PERMISSION, f"store {path}: no permission (SQLite in WAL mode needs "
-                       "to write next to it even to read): run as root or as Kamailio's user")
-    if os.path.getsize(path) == 0:
+        raise no_permission
+    if size == 0:
         raise CliError(Exit.STORE, f"store {path} is empty: the P-CSCF created it but never "
                        "opened it (did it fail at start?)")
 
@@ -370,7 +376,7 @@ def cmd_flush(env: Env, yes: bool) -> int:
             raise CliError(Exit.NOT_CONFIRMED, "flush: not confirmed, nothing removed "
                            "(--yes skips the question)")
     freed = store_call(lambda: store.delete_contacts([c.id for c in contacts]))
-    removed = flush_kernel(env, Progress(env.err, _is_tty(env.err) and not env.json))
+    removed = flush_kernel(env, Progress(env.err, _is_tty(env.err)))
     unused = [r for r, _ in leases]
     released = store_call(lambda: store.release_all(
         t.lease if isinstance(t, Tunnel) else t for t in [*freed, *unused]))

@@ -324,7 +324,7 @@ def _strays(view: views.KernelView, sas: set, pols: set, netns: str | None) -> l
                 "drift", PROBLEM,
                 f"policy {Dir(p.dir).name.lower()} {p.sel} (index {p.index}) carries our marker "
                 "but no tunnel in the store explains it",
-                f"{ip} xfrm policy delete dir {Dir(p.dir).name.lower()} index {p.index}{restart}",
+                f"{ip} xfrm policy delete index {p.index} dir {Dir(p.dir).name.lower()}{restart}",
                 key=f"stray policy {p.index}"))
     return out
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipsec.cli.commands import Env
+from ipsec.cli.commands import Env, read_proc_net
 from ipsec.cli.main import main
 from scenario import Pcscf, challenge, register, reply_to
 
@@ -138,13 +138,14 @@ class Cli:
     tty: bool = False
     between_looks: Callable[[], None] = lambda: None
     procs_read: list[tuple[str, str | None]] = field(default_factory=list)
+    real_proc: bool = False  # read the real /proc/net (of --netns) instead of `bound`
 
     def __call__(self, *argv: str) -> Ran:
         out, err = io.StringIO(), (TtyBuffer() if self.tty else io.StringIO())
 
         def read_proc(name: str, netns: str | None) -> str:
             self.procs_read.append((name, netns))
-            return proc_text(self.bound, name)
+            return read_proc_net(name, netns) if self.real_proc else proc_text(self.bound, name)
 
         def make_env(config, args) -> Env:
             return Env(config, self.kernel, out, err, io.StringIO(self.stdin), json=args.json,
@@ -154,10 +155,6 @@ class Cli:
         args = [a for name, value in self.defines.items() for a in ("-A", f"{name}={value}")]
         code = main([*args, *argv], make_env=make_env)
         return Ran(code, out.getvalue(), err.getvalue())
-
-
-def cli_for(p: Pcscf, defines: dict[str, str], listen: Iterable[str]) -> Cli:
-    return Cli(defines, p.kernel, p.clock, sockets_of(listen))
 
 
 def challenged(p: Pcscf, *, ue: str, aor: str, offer: str | None = None) -> str:
