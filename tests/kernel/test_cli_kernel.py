@@ -24,8 +24,8 @@ for _path in (ROOT / "kemi" / "double", ROOT / "tests" / "unit", ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from cli_support import (DOCTOR, DROP, FLUSH, LIST, SHOW, STATS, Cli, challenged,  # noqa: E402
-                         conforms, sockets_of)
+from cli_json import DOCTOR, DROP, FLUSH, LIST, SHOW, STATS, conforms  # noqa: E402
+from cli_support import Cli, challenged, sockets_of  # noqa: E402
 from esp_net import Link, drop_link, make_link, run, udp, ue_install  # noqa: E402
 from ipsec import tunnel  # noqa: E402
 from ipsec.algorithms import esp_algs  # noqa: E402

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cli_support import (DOCTOR, DROP, FLUSH, LIST, SHOW, STATS, CHECKS, SEVERITIES, Cli,
-                         challenged, conforms, sockets_of)
+from cli_json import CHECKS, DOCTOR, DROP, FLUSH, LIST, SEVERITIES, SHOW, STATS, conforms
+from cli_support import Cli, challenged, sockets_of
 from ipsec import tunnel
 from ipsec.algorithms import esp_algs
 from ipsec.store import Store
