@@ -28,6 +28,7 @@ PROBE_SPI = 0x50524F42  # "PROB": the doctor's throwaway SAs, on documentation a
 PROBE_ADDRS = {4: ("192.0.2.1", "192.0.2.2"), 6: ("2001:db8::1", "2001:db8::2")}
 PROBE_CK, PROBE_IK = bytes(range(16)), bytes(range(16, 32))
 FLUSH_CHUNK = 2000  # deletions between two progress lines
+STORE_CHUNK = 500  # leases or contacts per store transaction: a worker never waits long
 SETTLE = 1.0  # seconds between the doctor's two looks at drift (the sweep runs every second)
 PROC_NET = ("udp", "udp6", "tcp", "tcp6")
 
@@ -359,13 +360,18 @@ def flush_kernel(env: Env, progress: Progress) -> dict[str, int]:
 
 
 def cmd_flush(env: Env, yes: bool) -> int:
-    """Every tunnel of this P-CSCF: contacts (their phones register again), our kernel
-    entries, leases. Entries of other owners (another marker) stay."""
+    """Every tunnel of this P-CSCF: our kernel entries, leases, contacts (their phones
+    register again). Entries of other owners (another marker) stay.
+
+    The kernel goes first, so that no lease is free again while its SAs still exist. Then
+    the leases (their contacts lose their tunnels with them), then the contacts: with no
+    tunnel left to look after, deleting a contact is one quick statement. Both go in
+    bounded transactions, so Kamailio's workers never wait long for the store."""
     store = env.store()
     contacts = store_call(store.contacts_matching)
     leases = store_call(store.leases_with_age)
-    view = kernel_view(env)
     if not yes:
+        view = kernel_view(env)
         env.err.write(
             f"This removes {len(contacts):,} contact(s) (their phones must register again), "
             f"{view.sa_count:,} SA(s) and {view.policy_count:,} policy(ies) with marker "
@@ -375,13 +381,22 @@ def cmd_flush(env: Env, yes: bool) -> int:
         if env.stdin.readline().strip().lower() != "yes":
             raise CliError(Exit.NOT_CONFIRMED, "flush: not confirmed, nothing removed "
                            "(--yes skips the question)")
-    freed = store_call(lambda: store.delete_contacts([c.id for c in contacts]))
-    removed = flush_kernel(env, Progress(env.err, _is_tty(env.err)))
-    unused = [r for r, _ in leases]
-    released = store_call(lambda: store.release_all(
-        t.lease if isinstance(t, Tunnel) else t for t in [*freed, *unused]))
-    data = {"contacts": len(contacts), "sas": removed["sas"], "policies": removed["policies"],
-            "leases_released": released}
+    progress = Progress(env.err, _is_tty(env.err))
+    removed = flush_kernel(env, progress)
+    released = 0
+    records = [r.lease if isinstance(r, Tunnel) else r for r, _ in leases]
+    for i in range(0, len(records), STORE_CHUNK):
+        released += store_call(lambda: store.release_all(records[i:i + STORE_CHUNK]))
+    ids = [c.id for c in contacts]
+    freed: list[Tunnel] = []  # tunnels attached since the first look (a phone registering)
+    for i in range(0, len(ids), STORE_CHUNK):
+        freed += store_call(lambda: store.delete_contacts(ids[i:i + STORE_CHUNK]))
+        progress.update(f"flush: {min(i + STORE_CHUNK, len(ids)):,} of {len(ids):,} "
+                        "contacts removed")
+    progress.done()
+    late = remove_tunnels(env, freed) if freed else {"leases_released": 0}
+    data = {"contacts": len(ids), "sas": removed["sas"], "policies": removed["policies"],
+            "leases_released": released + late["leases_released"]}
     env.emit(data, render.flush_text)
     return Exit.OK
 

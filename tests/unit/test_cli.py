@@ -566,6 +566,15 @@ def test_flush_of_many_shows_progress_on_a_terminal(pcscf, cli):
                      "flush: 5,000 of 5,000 SAs removed"]
 
 
+def test_flush_counts_contacts_on_a_terminal_and_leaves_the_store_usable(pcscf, cli):
+    two_phones(pcscf)
+    cli.tty = True
+    ran = cli("flush", "--yes")
+    assert ran.code == 0 and "flush: 2 of 2 contacts removed" in ran.err
+    assert ran.out == "flushed: 2 contact(s), 8 SA(s), 8 policy(ies), 2 lease(s) released\n"
+    assert cli("doctor").code == 0 and cli("stats", "--json").json["spi_pairs"]["used"] == 0
+
+
 def test_flush_without_terminal_prints_no_progress(pcscf, cli):
     pcscf.registered()
     ran = cli("flush", "--yes")
