@@ -35,11 +35,15 @@ PROC_NET = ("udp", "udp6", "tcp", "tcp6")
 
 def read_proc_net(name: str, netns: str | None) -> str:
     """/proc/net/<name> of this namespace, or of `netns` (read from a thread inside it)."""
+    if netns is None:
+        return _read_if_any(f"/proc/net/{name}")
+    with entered(netns):  # a missing namespace raises here, not below
+        return _read_if_any(f"/proc/thread-self/net/{name}")
+
+
+def _read_if_any(path: str) -> str:
     try:
-        if netns is None:
-            with open(f"/proc/net/{name}") as f:
-                return f.read()
-        with entered(netns), open(f"/proc/thread-self/net/{name}") as f:
+        with open(path) as f:
             return f.read()
     except FileNotFoundError:  # no IPv6 in this kernel: no udp6/tcp6
         return ""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -126,6 +127,9 @@ def main(argv: Sequence[str] | None = None,
         return int(e.code)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `ims-ipsec list | head`: the reader has gone, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return Exit.OK
     finally:
         if env is not None:
             env.close()
