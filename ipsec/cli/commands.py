@@ -127,7 +127,7 @@ def open_store(config: Config) -> Store:
                   server_port=p.ipsec_server_port, max_connections=p.ipsec_max_connections,
                   busy_timeout=10.0)
     try:
-        store.health()  # opens it: a schema of another version or a damaged file says so here
+        store.get_contact(0)  # opens it: another schema version or a non-database says so
     except SchemaMismatch as e:
         raise CliError(Exit.STORE, f"store {config.store_path}: {e}") from None
     except StoreError as e:
@@ -142,14 +142,18 @@ def store_call(fn: Callable[[], Any]) -> Any:
         raise CliError(Exit.STORE, str(e)) from None
 
 
+def kernel_error(e: XfrmError) -> CliError:
+    if e.errno in (errno.EPERM, errno.EACCES):
+        return CliError(Exit.PERMISSION, f"kernel: {e}: reading or changing XFRM needs "
+                        "CAP_NET_ADMIN (run as root)")
+    return CliError(Exit.PROBLEM, f"kernel: {e}")
+
+
 def kernel_call(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except XfrmError as e:
-        if e.errno in (errno.EPERM, errno.EACCES):
-            raise CliError(Exit.PERMISSION, f"kernel: {e}: reading or changing XFRM needs "
-                           "CAP_NET_ADMIN (run as root)") from None
-        raise CliError(Exit.PROBLEM, f"kernel: {e}") from None
+        raise kernel_error(e) from None
     except PermissionError as e:
         raise CliError(Exit.PERMISSION, f"{e}: entering a network namespace needs root") from None
     except FileNotFoundError as e:
@@ -240,17 +244,13 @@ def probe_esp(env: Env) -> list[doctor.Probe]:
             sa = SA(src, dst, PROBE_SPI, sel, esp_algs(alg, ealg, PROBE_CK, PROBE_IK))
             _, added, removed = kernel_call(lambda: env.xfrm.batch([gone, new_sa(sa), gone]))
             if added is not None and added.errno in (errno.EPERM, errno.EACCES):
-                kernel_call(lambda: _raise(added))
+                raise kernel_error(added)
             if added is None and removed is not None:
-                kernel_call(lambda: _raise(removed))
+                raise kernel_error(removed)
             probes.append(doctor.Probe(fam, alg, ealg, None if added is None else added.errno,
                                        "" if added is None else str(added),
                                        "" if added is None else added.detail))
     return probes
-
-
-def _raise(e: Exception) -> None:
-    raise e
 
 
 def listening(env: Env) -> set[tuple[str, str, int]]:
@@ -261,13 +261,15 @@ def listening(env: Env) -> set[tuple[str, str, int]]:
     return bound
 
 
-def drift(env: Env) -> list[doctor.Finding]:
+def drift(env: Env) -> tuple[int, int, list[doctor.Finding]]:
+    """One look at store and kernel: contacts, leases, and what disagrees."""
     store, cfg = env.store(), env.config
     contacts = store_call(store.contacts_matching)
     leases = store_call(store.leases_with_age)
     view = kernel_view(env)
-    return doctor.drift_findings(contacts, leases, view, params=cfg.params, marker=cfg.marker,
-                                 now=env.clock(), grace=cfg.expiry_grace, netns=cfg.netns)
+    return len(contacts), len(leases), doctor.drift_findings(
+        contacts, leases, view, params=cfg.params, marker=cfg.marker, now=env.clock(),
+        grace=cfg.expiry_grace, netns=cfg.netns)
 
 
 def cmd_doctor(env: Env) -> int:
@@ -279,17 +281,13 @@ def cmd_doctor(env: Env) -> int:
                                                                SIP_PORT), listening(env), cfg.netns)
     code = Exit.OK
     try:
-        store = env.store()
-        health = store_call(store.health)
-        contacts = store_call(store.contacts_matching)
-        leases = store_call(store.leases_with_age)
-        mode = os.stat(cfg.store_path).st_mode
-        findings += doctor.store_findings(cfg.store_path, stat.S_IMODE(mode), health,
-                                          len(contacts), len(leases))
-        looked = drift(env)
+        health = store_call(env.store().health)
+        mode = stat.S_IMODE(os.stat(cfg.store_path).st_mode)
+        contacts, leases, looked = drift(env)
+        findings += doctor.store_findings(cfg.store_path, mode, health, contacts, leases)
         if any(f.check == "drift" and f.severity != doctor.OK for f in looked):
             env.sleep(env.settle)
-            looked = doctor.confirmed(looked, drift(env))
+            looked = doctor.confirmed(looked, drift(env)[2])
         findings += looked
     except CliError as e:
         if e.code not in (Exit.STORE, Exit.PERMISSION):
@@ -351,7 +349,7 @@ def flush_kernel(env: Env, progress: Progress) -> dict[str, int]:
                     [delete(x) for x in found[i:i + FLUSH_CHUNK]]))
                 for e in results:
                     if e is not None and not isinstance(e, XfrmNotFound):
-                        kernel_call(lambda: _raise(e))
+                        raise kernel_error(e)
                 done += sum(e is None for e in results)
                 progress.update(f"flush: {removed[kind] + done:,} of {len(found):,} "
                                 f"{'SAs' if kind == 'sas' else kind} removed")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from ipsec.algorithms import VALID_PAIRS, esp_algs
 from ipsec.module import STALE_LEASE_AGE
 from ipsec.params import Params
-from ipsec.sipuri import normalize_host
+from ipsec.sipuri import hostport, normalize_host
 from ipsec.store import Contact, Lease, Tunnel
 from ipsec.xfrm import Dir
 
@@ -135,7 +135,7 @@ class Socket:
     role: str = ""
 
     def __str__(self) -> str:
-        return f"{self.proto} {views._hp(self.host, self.port)}"
+        return f"{self.proto} {hostport(self.host, self.port)}"
 
 
 def expected_sockets(params: Params, sip_addrs: Sequence[str], sip_port: int) -> list[Socket]:

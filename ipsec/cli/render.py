@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from ipsec.sipuri import hostport
+
 MAX_PER_CHECK = 50  # a doctor check with more findings prints this many (JSON has them all)
 
 
@@ -25,12 +27,8 @@ def when(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
-def hp(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def addr(a: dict) -> str:
-    return f"{a['proto']} {hp(a['host'], a['port'])}"
+    return f"{a['proto']} {hostport(a['host'], a['port'])}"
 
 
 def kernel_word(k: dict | None) -> str:
@@ -84,7 +82,7 @@ def _algs(r: dict) -> str:
 
 
 def _flow(r: dict) -> str:
-    return f"{hp(r['src'], r['sport'])} -> {hp(r['dst'], r['dport'])}"
+    return f"{hostport(r['src'], r['sport'])} -> {hostport(r['dst'], r['dport'])}"
 
 
 def _state(r: dict) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ipsec import tunnel as kernel
 from ipsec.algorithms import esp_algs
 from ipsec.params import Params
-from ipsec.sipuri import normalize_host
+from ipsec.sipuri import hostport, normalize_host
 from ipsec.store import PENDING, REGISTERED, Contact, Lease, Tunnel
 from ipsec.xfrm import SA, Dir, Policy, PolicyInfo, SAInfo, Selector
 from ipsec.xfrm.structs import XFRM_MODE_TRANSPORT
@@ -146,12 +146,8 @@ def kernel_summary(sa_rows: Sequence[dict], policy_rows: Sequence[dict]) -> dict
 
 def _piece(row: dict) -> str:
     kind = f"policy {row['dir']}" if "dir" in row else f"spi {row['spi']}"
-    return (f"{row['sa']} {kind} {_hp(row['src'], row['sport'])} -> "
-            f"{_hp(row['dst'], row['dport'])}")
-
-
-def _hp(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return (f"{row['sa']} {kind} {hostport(row['src'], row['sport'])} -> "
+            f"{hostport(row['dst'], row['dport'])}")
 
 
 # -- contacts and tunnels ----------------------------------------------------------------------
