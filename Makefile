@@ -6,15 +6,16 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest -p no:cacheprovider --color=no
 STAMP  := .stamp
 
-.PHONY: install test unit kernel bench demo run fuzz clean
+.PHONY: install test unit kernel bench demo load run fuzz clean
 
 install: $(STAMP)/apt $(STAMP)/venv kamailio.paths.cfg
 
 # Where kamailio.cfg finds this checkout's KEMI script (app_python3 needs an absolute path);
-# rewritten whenever the checkout has moved.
-PATHS_LINE := \#!define KEMI_SCRIPT "$(CURDIR)/kemi/pcscf.py"
+# rewritten whenever the checkout has moved. `-A 'KEMI_SCRIPT="/abs/script.py"'` overrides it
+# (a script of the operator's own that imports kemi.pcscf; tools/profile_kemi.py does).
+PATHS_TEXT := \#!ifndef KEMI_SCRIPT\n\#!define KEMI_SCRIPT "$(CURDIR)/kemi/pcscf.py"\n\#!endif\n
 kamailio.paths.cfg: FORCE
-	@[ "$$(cat $@ 2>/dev/null)" = '$(PATHS_LINE)' ] || echo '$(PATHS_LINE)' > $@
+	@printf '$(PATHS_TEXT)' > $@.new && if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
 FORCE:
 
 $(STAMP)/apt: tools/install-deps
@@ -44,6 +45,16 @@ bench: install
 # A registration and a call through real IPsec, narrated (User-mode Linux when needed).
 demo: install
 	tools/with-esp $(PY) -m tools.demo
+
+# N phones through the P-CSCF with real ESP, then through a plain relay (tools/load), e.g.
+# make load N=200 K=20 [KEEP=/abs/dir] [LOAD_ARGS='--children 4 --max-connections 20'].
+# Options travel into User-mode Linux in LOAD_ARGS; KEEP is made here so the guest can write it.
+N ?= 1000
+K ?= 20
+load: install
+	$(if $(KEEP),mkdir -p $(abspath $(KEEP)))
+	LOAD_ARGS="--phones $(N) --in-flight $(K)$(if $(KEEP), --keep $(abspath $(KEEP))) $(LOAD_ARGS)" \
+	  tools/with-esp $(PY) -m tools.load
 
 # The P-CSCF on this host, in the foreground, for real deployments: defines as make
 # variables or in the environment, e.g. make run PCSCF_IP=10.0.0.1 NEXT_HOP='"sip:10.0.0.2"'

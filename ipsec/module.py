@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from . import headers, secagree, tunnel as kernel
 from .algorithms import AlgorithmError, EspAlgs
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
-from .store import Contact, Lease, Store, StoreError, Tunnel, UeSide, keep_tunnel
+from .store import Contact, Lease, Store, StoreError, Tunnel, UeLocks, UeSide, keep_tunnel
 from .xfrm import SA, Xfrm, XfrmError, XfrmExists
 
 # ipsec_create flags
@@ -119,6 +120,7 @@ class Module:
     store: Store
     xfrm: Xfrm
     log: Log
+    locks: UeLocks
     expiry_grace: float = 30.0
     marker: int = kernel.MARKER
     clock: Callable[[], float] = time.time
@@ -139,7 +141,8 @@ class Module:
                           client_port=params.ipsec_client_port,
                           server_port=params.ipsec_server_port,
                           max_connections=params.ipsec_max_connections)
-            return cls(params, store, Xfrm(), log, expiry_grace=float(grace))
+            return cls(params, store, Xfrm(), log, UeLocks(path + ".lock"),
+                       expiry_grace=float(grace))
         except (OSError, ValueError, StoreError) as e:
             raise ModuleError(f"store {path}: {e}") from None
 
@@ -148,6 +151,7 @@ class Module:
         neither may be shared with the workers, which reopen their own on first use)."""
         self.store.close()
         self.xfrm.close()
+        self.locks.close()
 
     # -- logging ------------------------------------------------------------------------------
     def _err(self, text: str) -> None:
@@ -169,7 +173,18 @@ class Module:
 
     def tunnel_contact(self, req: RequestView) -> Contact | None:
         """The contact whose SAs this request came through, with `tunnel` = those SAs (its
-        tunnel in use, or the pending one of a re-registration: the pair must be theirs)."""
+        tunnel in use, or the pending one of a re-registration: the pair must be theirs).
+
+        Looked up once per message: a message object with a `memo` dict keeps the answer."""
+        memo = getattr(req, "memo", None)
+        if memo is not None and "tunnel_contact" in memo:
+            return memo["tunnel_contact"]
+        found = self._find_tunnel_contact(req)
+        if memo is not None:
+            memo["tunnel_contact"] = found
+        return found
+
+    def _find_tunnel_contact(self, req: RequestView) -> Contact | None:
         src, local = req.source(), req.local()
         if not self._on_protected_port(local):
             return None
@@ -201,15 +216,27 @@ class Module:
 
     @kemi_function
     def save(self, msg: Message, domain: str) -> int:
-        """The 200 OK to a REGISTER: the contact is registered until the expiry it grants."""
+        """The 200 OK to a REGISTER: the contact is registered until the expiry it grants,
+        and its binding becomes the REGISTER's Contact (a re-registration through new SAs
+        names the phone's new protected server port there) over the REGISTER's transport."""
         req = msg.request()
-        contact = self._contact_of_register(req)
-        params = (_params_of(contact.uri, msg.header("Contact"))
-                  or _params_of(contact.uri, req.header("Contact")) or {})
+        contact = self._contact_of_register(req, promote=False)
+        found = headers.contacts(req.header("Contact"))
+        uri = found[0][0] if found and found[0][0] != "*" else contact.uri
+        params = (_params_of(uri, msg.header("Contact"))
+                  or _params_of(uri, req.header("Contact")) or {})
         expires = headers.expires_of(params, msg.first_header("Expires"), DEFAULT_EXPIRES)
+        promote = _through_pending(contact)
         if expires == 0:
+            if promote:
+                self._retire(self.store.promote(contact.id))
             return 1
-        self.store.set_registered(contact.id, self.clock() + expires)
+        if promote:
+            self._retire(self.store.register_and_promote(contact.id, self.clock() + expires,
+                                                         uri=uri, received=req.source()))
+        else:
+            self.store.set_registered(contact.id, self.clock() + expires, uri=uri,
+                                      received=req.source())
         return 1
 
     def is_deregistration(self, msg: Message) -> bool:
@@ -225,21 +252,27 @@ class Module:
         except (headers.HeaderError, SipUriError):
             return False
 
-    def _contact_of_register(self, req: RequestView) -> Contact:
+    def _contact_of_register(self, req: RequestView, promote: bool = True) -> Contact:
         """The contact a REGISTER (seen from its reply) belongs to. One that came through the
         pending SAs confirms them (33.203 7.4): they serve from now on, and the old ones go
-        (the reply leaves through the new ones)."""
+        (the reply leaves through the new ones). `promote=False`: the caller does that."""
         contact = self.tunnel_contact(req)
         if contact is None and not self._on_protected_port(req.local()):
             contact = self.store.find_by_received(req.source())
         if contact is None:
             raise Refused(f"no contact for the REGISTER from {req.source()}")
-        if contact.pending is not None and contact.tunnel == contact.pending:
-            old = self.store.promote(contact.id)
-            if old is not None:
-                self._remove_tunnels([old])
+        if promote and _through_pending(contact):
+            self._retire(self.store.promote(contact.id))
             contact = dataclasses.replace(contact, pending=None)
+            memo = getattr(req, "memo", None)
+            if memo is not None:
+                memo["tunnel_contact"] = contact
         return contact
+
+    def _retire(self, old: Tunnel | None) -> None:
+        """The tunnel a promotion replaced: out of the kernel, its lease back."""
+        if old is not None:
+            self._remove_tunnels([old])
 
     # -- ipsec_create ---------------------------------------------------------------------------
     @kemi_function
@@ -265,14 +298,9 @@ class Module:
             raise Refused(f"401 from the core has no usable keys: {e}") from None
         ue = UeSide(req.source().host, offer.spi_c, offer.spi_s, offer.port_c, offer.port_s)
         digest = self.store.keys_digest(ck, ik)
-        reuse = bool(self.params.ipsec_reuse_server_port)
-        kept = next((t for t in (contact.tunnel, contact.pending)
-                     if keep_tunnel(t, ue, digest, reuse)), None)
-        if kept is not None:
-            server = kept.security_server
-            self._info(f"contact {contact.id}: keeping tunnel spi-c={kept.lease.spi_pc}")
-        else:
-            server = self._new_tunnel(contact, ue, offer, ck, ik, digest, client).security_server
+        with self.locks.held(ue.host):  # one phone's tunnels change in one worker at a time
+            server = self._tunnel_for_challenge(contact.id, ue, offer, ck, ik, digest, client,
+                                                _transaction_key(req))
         msg.remove_header("WWW-Authenticate")
         msg.append_header("WWW-Authenticate", stripped)
         msg.append_header("Security-Server", server)
@@ -280,22 +308,70 @@ class Module:
             msg.append_header("Supported", "sec-agree")
         return 1
 
+    def _tunnel_for_challenge(self, contact_id: int, ue: UeSide, offer: secagree.Offer,
+                              ck: bytes, ik: bytes, digest: bytes, client: str,
+                              txn: bytes) -> str:
+        """The Security-Server for this challenge: the tunnel kept, or a new one. Runs under
+        the phone's lock, on the contact as it is now (another worker may have changed it)."""
+        contact, clashes = self.store.challenge_state(contact_id, ue)
+        if contact is None:
+            raise Refused(f"contact {contact_id} is gone (swept or de-registered meanwhile)")
+        staged = contact.pending
+        if staged is not None and staged.txn == txn:
+            # A second 401 to the same REGISTER (the core answered TM's retransmission): TM
+            # relays only the first, whose Security-Server the phone acts on; keep its SAs.
+            if keep_tunnel(staged, ue, digest, True):
+                return staged.security_server
+            raise Refused(f"contact {contact_id}: a second challenge to one REGISTER with other "
+                          "keys or offer; the tunnel of the first stays")
+        if staged is not None and _older_register(txn, staged.txn):
+            # The phone has moved on to a newer REGISTER, already challenged: this 401 is for
+            # a transaction it abandoned, and must not replace the SAs the newer one offers.
+            raise Refused(f"contact {contact_id}: challenge to an earlier REGISTER than the one "
+                          "already challenged; ignored")
+        reuse = bool(self.params.ipsec_reuse_server_port)
+        kept = next((t for t in (contact.tunnel, staged) if keep_tunnel(t, ue, digest, reuse)),
+                    None)
+        if kept is not None:
+            self._info(f"contact {contact.id}: keeping tunnel spi-c={kept.lease.spi_pc}")
+            return kept.security_server
+        self._clear_phone_spis(contact, clashes)
+        return self._new_tunnel(contact, ue, offer, ck, ik, digest, client, txn).security_server
+
+    def _clear_phone_spis(self, contact: Contact, clashes: list[tuple[Tunnel, bool]]) -> None:
+        """The kernel holds one SA per (phone address, SPI): a pending tunnel of this contact
+        with the SPIs offered again (a new REGISTER with the same Security-Client: the phone
+        gave up on the last challenge) is removed first. One in use, or another contact's,
+        is not ours to remove: refused."""
+        for t, in_use in clashes:
+            if in_use or contact.pending is None or t.lease != contact.pending.lease:
+                raise Refused(f"the phone's SAs clash with those of tunnel spi-c={t.lease.spi_pc} "
+                              f"{'in use' if in_use else 'of another contact'} (it must offer new "
+                              "SPIs, 33.203 7.4)")
+            self._remove_tunnels([t])
+            self._info(f"contact {contact.id}: pending tunnel spi-c={t.lease.spi_pc} replaced "
+                       "(its SPIs offered again)")
+
     def _new_tunnel(self, contact: Contact, ue: UeSide, offer: secagree.Offer, ck: bytes,
-                    ik: bytes, digest: bytes, client: str) -> Tunnel:
-        """Lease, stage in the store, install (all or nothing); an SPI the kernel already has
-        is skipped. The tunnel is staged as the contact's pending one BEFORE its SAs go in, so
-        the store always knows what the kernel may hold, whatever happens to this worker."""
+                    ik: bytes, digest: bytes, client: str, txn: bytes) -> Tunnel:
+        """Lease and stage in the store (one transaction), then install (all or nothing); an
+        SPI the kernel already has is skipped. The tunnel is staged as the contact's pending
+        one BEFORE its SAs go in, so the store always knows what the kernel may hold,
+        whatever happens to this worker."""
         pcscf = self._pcscf_host(ue.host)
-        avoid: set[int] = set()
-        for _ in range(DUPLICATE_RETRIES):
-            lease = self.store.lease(ue.host, avoid)
+
+        def build(lease: Lease) -> Tunnel:
             server = secagree.format_security_server(offer.alg, offer.ealg, lease.spi_pc,
                                                      lease.spi_ps, lease.port_pc, lease.port_ps)
-            record = Tunnel(lease, ue, offer.alg, offer.ealg, pcscf, digest, client, server)
-            spec = self._kernel_tunnel(pcscf, ue, lease, offer.alg, offer.ealg, ck, ik)
+            return Tunnel(lease, ue, offer.alg, offer.ealg, pcscf, digest, client, server, txn)
+
+        avoid: set[int] = set()
+        for _ in range(DUPLICATE_RETRIES):
+            record, replaced = self.store.lease_and_stage(contact.id, ue.host, avoid, build)
+            lease = record.lease
             try:
-                replaced = self.store.stage_tunnel(contact.id, record)
-                kernel.install(self.xfrm, spec)
+                kernel.install(self.xfrm, self._kernel_tunnel(pcscf, ue, lease, offer.alg,
+                                                              offer.ealg, ck, ik))
             except XfrmExists as e:
                 self.store.release(lease)
                 if not _ours(e.what, lease):
@@ -358,7 +434,7 @@ class Module:
         if contact is None or contact.tunnel is None:
             raise Refused(f"no tunnel for {self._search_uri(msg, flags)}")
         t = contact.tunnel
-        proto = contact.received.proto
+        proto = contact.transport
         if flags & USE_VIA:
             proto = _transport_of(msg.dst_uri() or msg.ruri(), proto)
         if proto != "udp" and flags & TCP_USE_CLIENT_PORT:
@@ -549,6 +625,33 @@ def _flow(direction: object, sel: object) -> tuple:
 def _ours(what: object, lease: Lease) -> bool:
     """Is a duplicate the kernel reported one of OUR SPIs (another lease may help)?"""
     return isinstance(what, SA) and what.spi in (lease.spi_pc, lease.spi_ps)
+
+
+def _through_pending(contact: Contact) -> bool:
+    """Did the REGISTER come through the contact's pending SAs (`tunnel_contact` put them in
+    `tunnel`)? Then the phone has switched to them."""
+    return contact.pending is not None and contact.tunnel == contact.pending
+
+
+def _transaction_key(req: RequestView) -> bytes:
+    """The REGISTER transaction a 401 answers, and its place among the phone's REGISTERs:
+    Call-ID (8 bytes of a hash), CSeq number (4 bytes), top Via with its branch (4 bytes of
+    a hash; RFC 3261 17.2.3 matches transactions on it)."""
+    cseq = (req.first_header("CSeq") or "").split()
+    number = int(cseq[0]) if cseq and cseq[0].isascii() and cseq[0].isdigit() else 0
+    return (_hash(req.first_header("Call-ID"), 8) + min(number, 0xFFFFFFFF).to_bytes(4, "big")
+            + _hash(req.first_header("Via"), 4))
+
+
+def _hash(text: str | None, size: int) -> bytes:
+    return hashlib.blake2b((text or "").encode(), digest_size=size).digest()
+
+
+def _older_register(txn: bytes, than: bytes) -> bool:
+    """Was `txn` an earlier REGISTER of the same phone (same Call-ID, lower CSeq)? A phone
+    that sent a new REGISTER has given up on the old one (RFC 3261 10.2.4: one at a time)."""
+    return (len(txn) == len(than) == 16 and txn[:8] == than[:8]
+            and int.from_bytes(txn[8:12], "big") < int.from_bytes(than[8:12], "big"))
 
 
 def _params_of(uri: str, contact_value: str | None) -> dict[str, str] | None:

@@ -22,6 +22,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -254,10 +255,18 @@ def _canonical_value(mechanism: str, name: str, raw: str | None) -> object:
 
 
 def _canonical(values: str | list[str]) -> frozenset[tuple[str, frozenset[tuple[str, object]]]]:
+    if isinstance(values, str):
+        return _canonical_text(values)
     return frozenset(
         (m.name, frozenset((n, _canonical_value(m.name, n, v)) for n, v in m.params))
         for m in _read_mechanisms(values)
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_text(value: str) -> frozenset[tuple[str, frozenset[tuple[str, object]]]]:
+    """Cached: each protected request compares against the same Security-Server again."""
+    return _canonical([value])
 
 
 def verify_matches(verify_values: str | list[str] | None, sent_server: str) -> bool:
@@ -266,6 +275,8 @@ def verify_matches(verify_values: str | list[str] | None, sent_server: str) -> b
     Compared as a set of mechanisms with their parameter sets, so case, order, whitespace and
     quoting do not matter; a missing, empty or malformed Security-Verify does not match.
     """
+    if isinstance(verify_values, str) and verify_values.strip() == sent_server:
+        return True  # the phone echoed it verbatim, as most do
     try:
         sent = _canonical(sent_server)
     except SecAgreeError as err:

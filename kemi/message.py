@@ -15,14 +15,32 @@ def _pv(name: str):
     return KSR.pv.get(name)
 
 
+# What a route may change while it runs (the destination URI, the send socket): never cached.
+_VOLATILE = frozenset(("$du", "$fs"))
+
+
 class _Reading:
-    """Reads through pseudo-variables, optionally wrapped (the transaction's request: $T_req)."""
+    """Reads through pseudo-variables, optionally wrapped (the transaction's request: $T_req).
+
+    A route asks for the same few values many times (the module's functions each look at the
+    source, the local socket, Via, Contact...): each is read from Kamailio once per message.
+    Headers never change under a route (changes are lumps, applied at send time); the source
+    and local socket change only through `set_reply_path`, which forgets them.
+    """
 
     def __init__(self, wrap: str = "{}") -> None:
         self._wrap = wrap
+        self._memo: dict[str, object] = {}
+        self.memo: dict[str, object] = {}  # the module's look-ups for this message
 
     def _get(self, pv: str):
-        return _pv(self._wrap.format(pv))
+        if pv in _VOLATILE:
+            return _pv(self._wrap.format(pv))
+        try:
+            return self._memo[pv]
+        except KeyError:
+            value = self._memo[pv] = _pv(self._wrap.format(pv))
+            return value
 
     def method(self) -> str:
         return self._get("$rm") or ""
@@ -48,20 +66,26 @@ class _Reading:
 
 
 class KsrMessage(_Reading):
-    """The message of the running route (request or reply)."""
+    """The message of the running route (request or reply); make one per callback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._request: _Reading | None = None
 
     def is_request(self) -> bool:
-        return _pv("$rs") is None
+        return self._get("$rs") is None
 
     def status(self) -> int | None:
-        return _pv("$rs")
+        return self._get("$rs")
 
     def original_ruri(self) -> str:
-        return _pv("$ou") or ""
+        return self._get("$ou") or ""
 
     def request(self) -> _Reading:
         """The transaction's request, for a reply (needs tmx)."""
-        return _Reading("$T_req({})")
+        if self._request is None:
+            self._request = _Reading("$T_req({})")
+        return self._request
 
     def append_header(self, name: str, value: str) -> None:
         KSR.hdr.append(f"{name}: {value}\r\n")
@@ -81,7 +105,11 @@ class KsrMessage(_Reading):
 
     def set_reply_path(self, sock: str, target: str) -> None:
         """Where TM will send this request's replies (call before t_relay; see README)."""
-        KSR.corex.set_recv_socket(sock)
-        if str(_pv("$Rp")) != sock.rsplit(":", 1)[1]:
-            raise Refused(f"no listen socket {sock}: replies would leave outside the SAs")
-        KSR.corex.set_source_address(target)
+        try:
+            KSR.corex.set_recv_socket(sock)
+            if str(_pv("$Rp")) != sock.rsplit(":", 1)[1]:
+                raise Refused(f"no listen socket {sock}: replies would leave outside the SAs")
+            KSR.corex.set_source_address(target)
+        finally:
+            self._memo.clear()  # $Ri, $Rp, $pr, $si, $sp have changed
+            self.memo.clear()

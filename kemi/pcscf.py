@@ -58,7 +58,7 @@ def _guarded(on_error):
 
 
 def _fail_request():
-    KSR.sl.sl_send_reply(500, "Server Internal Error")
+    KSR.sl.send_reply(500, "Server Internal Error")
 
 
 def _fail_challenge():

@@ -62,34 +62,55 @@ class Routing:
         KSR.sl.sl_send_reply(403, "Forbidden - Use Protected Port")
         return 1
 
+    def _new_transaction(self, msg) -> bool:
+        """Create the transaction before any slow work, so a retransmission that reaches
+        another worker meanwhile is absorbed by TM instead of being relayed (and challenged,
+        and given SAs) a second time. False: nothing more to do for this message."""
+        if msg.method() == "ACK":
+            return True  # ACKs have no transaction of their own
+        created = KSR.tm.t_newtran()
+        if created > 0:
+            return True
+        if created < 0:
+            KSR.err("ims-ipsec: %s from %s: no transaction (%d)\n"
+                    % (msg.method(), msg.source(), created))
+            KSR.sl.sl_reply_error()
+        return False  # 0: a retransmission, TM has resent the last reply
+
     def _unprotected_register(self, msg) -> int:
+        if not self._new_transaction(msg):
+            return 1
         if not msg.header("Security-Client"):
             KSR.hdr.append_to_reply("Require: sec-agree\r\n")
-            KSR.sl.sl_send_reply(421, "Extension Required")
+            KSR.sl.send_reply(421, "Extension Required")
             return 1
         if self.m.save_pending(msg, self.domain) < 0:
-            KSR.sl.sl_send_reply(400, "Bad Request - Contact")
+            KSR.sl.send_reply(400, "Bad Request - Contact")
             return 1
         return self._relay_register(msg)
 
     def _from_phone(self, msg, method: str) -> int:
+        """Through a phone's SAs. Where replies go is fixed when the transaction is created,
+        so the reply path is set (ipsec_forward) before it; refusals before it are stateless."""
         contact = self.m.tunnel_contact(msg)
         if contact is None:
             KSR.err("ims-ipsec: %s from %s on a protected port: unknown tunnel\n"
                     % (method, msg.source()))
             KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")
             return 1
-        if self.m.check_security_verify(msg, contact, required=(method == "REGISTER")) < 0:
-            KSR.sl.sl_send_reply(403, "Forbidden - Security-Verify mismatch")
-            return 1
         if self.m.ipsec_forward(msg, self.domain) < 0:  # replies to the phone: through its SAs
             KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")
+            return 1
+        if not self._new_transaction(msg):
+            return 1
+        if self.m.check_security_verify(msg, contact, required=(method == "REGISTER")) < 0:
+            KSR.sl.send_reply(403, "Forbidden - Security-Verify mismatch")
             return 1
         if method == "REGISTER":
             return self._relay_register(msg)
         if KSR.siputils.has_totag() > 0:
             if KSR.rr.loose_route() < 0:
-                KSR.sl.sl_send_reply(404, "Not Here")
+                KSR.sl.send_reply(404, "Not Here")
                 return 1
         else:
             KSR.rr.record_route_preset(self.core_rr,
@@ -107,21 +128,23 @@ class Routing:
         return self._relay()
 
     def _to_phone(self, msg) -> int:
+        if not self._new_transaction(msg):
+            return 1
         if KSR.siputils.has_totag() > 0 or KSR.hdr.is_present("Route") > 0:
             KSR.rr.loose_route()
         if KSR.siputils.has_totag() < 0 and msg.method() != "ACK":
             contact = self.m.contact_for_request(msg)
             if contact is not None and contact.tunnel is not None:
-                KSR.rr.record_route_preset(self.m.phone_facing_rr(contact, contact.received.proto),
+                KSR.rr.record_route_preset(self.m.phone_facing_rr(contact, contact.transport),
                                            self.core_rr)
         if self.m.ipsec_forward(msg, self.domain) < 0:
-            KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
+            KSR.sl.send_reply(480, "Temporarily Unavailable")
             return 1
         return self._relay()
 
     def _relay(self) -> int:
         if KSR.tm.t_relay() < 0:
-            KSR.sl.sl_reply_error()
+            KSR.sl.send_reply(500, "Server Internal Error - Relay Failed")
         return 1
 
     def _strip_sec_agree(self, msg) -> None:

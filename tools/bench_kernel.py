@@ -26,7 +26,7 @@ from ipsec.algorithms import esp_algs
 from ipsec.module import Module
 from ipsec.params import Params
 from ipsec.sipuri import Address
-from ipsec.store import Store, UeSide
+from ipsec.store import Store, UeLocks, UeSide
 from ipsec.store import Tunnel as StoredTunnel
 from ipsec.tunnel import Tunnel, install, policies, remove, sas
 from ipsec.xfrm import PolicyId, SAId, Xfrm, del_policy, del_sa, new_policy, new_sa
@@ -158,7 +158,7 @@ def bench_sweep(x: Xfrm, tunnels: list[Tunnel]) -> float:
         store = Store(f"{d}/bench.sqlite", spi_start=params.ipsec_spi_id_start,
                       spi_range=params.ipsec_spi_id_range, client_port=5100,
                       server_port=5101, max_connections=1)
-        module = Module(params, store, x, _Quiet(), expiry_grace=0.0)
+        module = Module(params, store, x, _Quiet(), UeLocks(f"{d}/bench.lock"), expiry_grace=0.0)
         for t in tunnels:
             c = store.save_pending(f"sip:{t.ue}@ims", f"sip:u@{t.ue}:{t.port_us}",
                                    Address(t.ue, 5060), Address(t.ue, 5060))

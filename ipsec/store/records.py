@@ -22,6 +22,10 @@ class NotLeased(StoreError):
     """A tunnel was attached with SPIs that are not (or no longer) leased."""
 
 
+class PhoneSpiInUse(StoreError):
+    """Another tunnel to the same phone address uses one of these phone SPIs."""
+
+
 class UnknownContact(StoreError):
     """The contact id does not exist (deleted by a sweep or another worker)."""
 
@@ -59,7 +63,8 @@ class Tunnel:
     """One SA set as installed: both sides, the algorithms, and what later checks compare.
 
     `keys_digest` is the store's keyed digest of CK||IK (`Store.keys_digest`), never the keys;
-    `security_server` is the header we sent, which every later Security-Verify must equal.
+    `security_server` is the header we sent, which every later Security-Verify must equal;
+    `txn` identifies the REGISTER transaction whose 401 offered it.
     """
 
     lease: Lease
@@ -70,6 +75,7 @@ class Tunnel:
     keys_digest: bytes
     offer: str
     security_server: str
+    txn: bytes = b""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pcscf_host", normalize_host(self.pcscf_host))
@@ -87,7 +93,8 @@ class Contact:
     `aor`); `tunnel` is the SA set in use, `pending` the one its last 401 offered and that no
     REGISTER has come through yet (promoted by its 200 OK).
     `expires` is absolute (epoch seconds): the registration's end, or the end of the pending
-    lifetime while `state` is "pending".
+    lifetime while `state` is "pending". `uri` and `transport` are the binding requests to the
+    phone follow: its last REGISTER's Contact, and the transport it asks for (or used).
     """
 
     id: int
@@ -99,6 +106,7 @@ class Contact:
     expires: float
     tunnel: Tunnel | None
     pending: Tunnel | None = None
+    transport: str = "udp"
 
 
 def keep_tunnel(current: Tunnel | None, ue: UeSide, keys_digest: bytes,

@@ -12,13 +12,16 @@ from collections.abc import Callable
 
 from ipsec.store.records import SchemaMismatch, StoreError
 
-VERSION = 2
+VERSION = 3
 
 # Every SPI we hold appears once in `spis` (its PRIMARY KEY is the database's own proof that
 # no SPI is leased twice, whichever column of `tunnels` holds it). A `tunnels` row is a lease;
 # its phone-side columns stay NULL until a tunnel is staged on it. A contact's `tunnel_id` is
 # the SA set in use; `pending_tunnel_id` one offered in a 401 and not yet confirmed by the
 # phone (33.203 7.4: the old SAs serve until the new ones have carried a REGISTER).
+# A tunnel's `txn` names the REGISTER transaction whose 401 offered it (a second 401 to the
+# same REGISTER must not build another); a contact's `transport` is how requests reach the
+# phone (its Contact's transport parameter, else the protocol its last REGISTER came by).
 DDL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE tunnels (
@@ -31,7 +34,8 @@ CREATE TABLE tunnels (
     lease_host TEXT,
     leased_at REAL NOT NULL,
     ue_host TEXT, spi_uc INTEGER, spi_us INTEGER, port_uc INTEGER, port_us INTEGER,
-    alg TEXT, ealg TEXT, pcscf_host TEXT, keys_digest BLOB, offer TEXT, security_server TEXT
+    alg TEXT, ealg TEXT, pcscf_host TEXT, keys_digest BLOB, offer TEXT, security_server TEXT,
+    txn BLOB
 );
 CREATE INDEX tunnels_lease_host ON tunnels (lease_host);
 CREATE INDEX tunnels_ue_uc ON tunnels (ue_host, port_uc);
@@ -52,6 +56,7 @@ CREATE TABLE contacts (
     expires REAL NOT NULL,
     tunnel_id INTEGER REFERENCES tunnels (id) ON DELETE SET NULL,
     pending_tunnel_id INTEGER REFERENCES tunnels (id) ON DELETE SET NULL,
+    transport TEXT NOT NULL DEFAULT 'udp',
     UNIQUE (aor, received_host, received_port, received_proto)
 );
 CREATE INDEX contacts_received ON contacts (received_host, received_port);
@@ -60,6 +65,14 @@ CREATE INDEX contacts_expires ON contacts (expires);
 CREATE INDEX contacts_tunnel ON contacts (tunnel_id);
 CREATE INDEX contacts_pending_tunnel ON contacts (pending_tunnel_id);
 """
+
+# Each step takes a file of version N to N + 1 inside the start-up transaction, so a P-CSCF
+# upgraded in place keeps its phones registered.
+MIGRATIONS = {
+    2: ("ALTER TABLE tunnels ADD COLUMN txn BLOB",
+        "ALTER TABLE contacts ADD COLUMN transport TEXT NOT NULL DEFAULT 'udp'",
+        "UPDATE contacts SET transport = received_proto"),
+}
 
 
 def create_file(path: str) -> None:
@@ -100,6 +113,11 @@ def ensure_schema(db: sqlite3.Connection, spi_start: int) -> None:
                 ("next_port", 0),
             ])
         version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        while version is not None and version[0] in MIGRATIONS:
+            for statement in MIGRATIONS[version[0]]:
+                db.execute(statement)
+            version = (version[0] + 1,)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", version)
         if version is None or version[0] != VERSION:
             raise SchemaMismatch(f"store schema version {version and version[0]}, "
                                  f"this code knows {VERSION}")

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from ipsec.sipuri import Address, alias_target, normalize_host, parse_uri, uri_target
+from ipsec.sipuri import (TRANSPORTS, Address, SipUri, alias_target, normalize_host, parse_uri,
+                          uri_target)
+from ipsec import forks
 from ipsec.store import schema
-from ipsec.store.records import (PENDING, REGISTERED, Contact, Lease, NotLeased, SpiExhausted,
-                                 StoreError, Tunnel, UeSide, UnknownContact)
+from ipsec.store.locks import WriterLock
+from ipsec.store.records import (PENDING, REGISTERED, Contact, Lease, NotLeased, PhoneSpiInUse,
+                                 SpiExhausted, StoreError, Tunnel, UeSide, UnknownContact)
 
 # Connections inherited across a fork are kept referenced, never closed or used: closing one
 # in the child could disturb the parent's locks and WAL (SQLite forbids using it there).
@@ -29,10 +31,12 @@ _SCAN_WINDOW = 512  # SPIs examined per query when looking for a free pair
 
 _CONTACT_COLUMNS = """
     c.id, c.aor, c.uri, c.via_host, c.via_port, c.via_proto,
-    c.received_host, c.received_port, c.received_proto, c.state, c.expires"""
+    c.received_host, c.received_port, c.received_proto, c.state, c.expires, c.transport"""
 _TUNNEL_COLUMNS = """
     t.spi_pc, t.spi_ps, t.port_pc, t.port_ps, t.ue_host, t.spi_uc, t.spi_us, t.port_uc,
-    t.port_us, t.alg, t.ealg, t.pcscf_host, t.keys_digest, t.offer, t.security_server"""
+    t.port_us, t.alg, t.ealg, t.pcscf_host, t.keys_digest, t.offer, t.security_server, t.txn"""
+_NC = _CONTACT_COLUMNS.count(",") + 1  # contact columns in a _CONTACT_SELECT row
+_NT = _TUNNEL_COLUMNS.count(",") + 1  # then the tunnel in use, then the pending one
 _CONTACT_SELECT = f"""
     SELECT {_CONTACT_COLUMNS}, {_TUNNEL_COLUMNS}, {_TUNNEL_COLUMNS.replace("t.", "p.")}
     FROM contacts c LEFT JOIN tunnels t ON t.id = c.tunnel_id
@@ -66,14 +70,15 @@ class Store:
         self.pending_lifetime = pending_lifetime
         self.busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
-        self._pid = 0
+        self._gen = -1
         self._secret = b""
+        self._writer = WriterLock(path + ".lock")
 
     # -- connection -------------------------------------------------------------------------
 
     def _db(self) -> sqlite3.Connection:
         """This process's connection, opened on first use and again in a forked child."""
-        if self._conn is not None and self._pid == os.getpid():
+        if self._conn is not None and self._gen == forks.generation():
             return self._conn
         self._drop_inherited()
         conn = schema.connect(self.path, self.busy_timeout)
@@ -83,27 +88,44 @@ class Store:
         except BaseException:
             conn.close()
             raise
-        self._conn, self._pid = conn, os.getpid()
+        self._conn, self._gen = conn, forks.generation()
         return conn
 
     def _drop_inherited(self) -> None:
-        if self._conn is not None and self._pid != os.getpid():
+        if self._conn is not None and self._gen != forks.generation():
             _inherited.append(self._conn)
         self._conn = None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; IMMEDIATE takes the write lock up front, so two workers
-        never both read the same free SPI and then race to write it."""
+        never both read the same free SPI and then race to write it.
+
+        Writers first queue on the writer lock (a kernel lock: a waiter wakes the moment the
+        holder is done), so SQLite's busy handler, which sleeps 1, 2, 5, 10... ms between
+        tries, is left only for writers from outside (an operator's tool)."""
         with _sqlite_errors(self.path):
             db = self._db()
-            db.execute("BEGIN IMMEDIATE")
+            with self._writer.held():
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    db.execute("COMMIT")
+                finally:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """Several reads in one snapshot and one read lock (each statement outside a
+        transaction is a transaction of its own, with its own locking system calls)."""
+        with _sqlite_errors(self.path):
+            db = self._db()
+            db.execute("BEGIN")
             try:
                 yield db
-                db.execute("COMMIT")
             finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with _sqlite_errors(self.path):
@@ -112,10 +134,11 @@ class Store:
     def close(self) -> None:
         """Close this process's connection (a later call reopens it). Calling it in the main
         process before Kamailio forks keeps the children from inheriting an open one."""
-        if self._conn is not None and self._pid == os.getpid():
+        if self._conn is not None and self._gen == forks.generation():
             self._conn.close()
             self._conn = None
         self._drop_inherited()
+        self._writer.close()
 
     def keys_digest(self, ck: bytes, ik: bytes) -> bytes:
         """Keyed digest of CK||IK: lets re-registration compare keys without storing them."""
@@ -134,21 +157,23 @@ class Store:
         port pairs its existing tunnels use are skipped while another is free, so its old and
         new SAs never share selectors.
         """
-        host = normalize_host(ue_host) if ue_host else None
-        avoided = frozenset(avoid)
         with self._tx() as db:
-            spi_pc = self._free_pair(db, self._meta(db, "next_spi"), avoided)
-            index = self._port_index(db, host)
-            lease = Lease(spi_pc, spi_pc + 1, self.client_port + index, self.server_port + index)
-            tunnel_id = db.execute(
-                "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, lease_host,"
-                " leased_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, host,
-                 time.time())).lastrowid
-            db.executemany("INSERT INTO spis (spi, tunnel_id) VALUES (?, ?)",
-                           [(lease.spi_pc, tunnel_id), (lease.spi_ps, tunnel_id)])
-            self._set_meta(db, "next_spi", self._next_pair(spi_pc))
-            self._set_meta(db, "next_port", (index + 1) % self.max_connections)
+            return self._lease(db, ue_host, avoid)
+
+    def _lease(self, db: sqlite3.Connection, ue_host: str | None, avoid: Iterable[int]) -> Lease:
+        host = normalize_host(ue_host) if ue_host else None
+        spi_pc = self._free_pair(db, self._meta(db, "next_spi"), frozenset(avoid))
+        index = self._port_index(db, host)
+        lease = Lease(spi_pc, spi_pc + 1, self.client_port + index, self.server_port + index)
+        tunnel_id = db.execute(
+            "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, lease_host,"
+            " leased_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, host,
+             time.time())).lastrowid
+        db.executemany("INSERT INTO spis (spi, tunnel_id) VALUES (?, ?)",
+                       [(lease.spi_pc, tunnel_id), (lease.spi_ps, tunnel_id)])
+        self._set_meta(db, "next_spi", self._next_pair(spi_pc))
+        self._set_meta(db, "next_port", (index + 1) % self.max_connections)
         return lease
 
     def _free_pair(self, db: sqlite3.Connection, cursor: int, avoid: frozenset[int]) -> int:
@@ -249,7 +274,9 @@ class Store:
         came from, or one of its tunnel's phone ports on that host, which is where a
         re-REGISTER comes from. A registered contact stays registered until its own expiry.
         """
-        target = uri_target(parse_uri(uri))
+        parsed = parse_uri(uri)
+        target = uri_target(parsed)
+        transport = _transport(parsed, received)
         via, received = _address(via), _address(received)
         with self._tx() as db:
             found = db.execute(
@@ -265,10 +292,10 @@ class Store:
                 contact_id = db.execute(
                     "INSERT INTO contacts (aor, uri, contact_host, contact_port, via_host,"
                     " via_port, via_proto, received_host, received_port, received_proto, state,"
-                    " expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " expires, transport) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (aor, uri, target.host, target.port, via.host, via.port, via.proto,
                      received.host, received.port, received.proto, PENDING,
-                     pending_until)).lastrowid
+                     pending_until, transport)).lastrowid
             else:
                 contact_id = found[0]
                 # a registration that has already ended (a de-registration whose teardown
@@ -276,21 +303,45 @@ class Store:
                 now = time.time()
                 db.execute(
                     "UPDATE contacts SET uri = ?, contact_host = ?, contact_port = ?, via_host = ?,"
-                    " via_port = ?, via_proto = ?,"
+                    " via_port = ?, via_proto = ?, transport = ?,"
                     " state = CASE WHEN expires <= ? THEN ? ELSE state END,"
                     " expires = CASE WHEN state = ? OR expires <= ? THEN ? ELSE expires END"
                     " WHERE id = ?",
-                    (uri, target.host, target.port, via.host, via.port, via.proto, now, PENDING,
-                     PENDING, now, pending_until, contact_id))
+                    (uri, target.host, target.port, via.host, via.port, via.proto, transport,
+                     now, PENDING, PENDING, now, pending_until, contact_id))
             return self._get(db, contact_id)
 
-    def set_registered(self, contact_id: int, expires: float) -> Contact:
-        """The 200 OK to REGISTER went out: registered until `expires` (epoch seconds)."""
+    def set_registered(self, contact_id: int, expires: float, *, uri: str | None = None,
+                       received: Address | None = None) -> Contact:
+        """The 200 OK to REGISTER went out: registered until `expires` (epoch seconds).
+
+        With `uri` (the REGISTER's Contact) and `received` (where that REGISTER came from),
+        the binding follows the phone: a re-registration through new SAs names its new
+        protected server port, and maybe another transport, in its Contact.
+        """
         with self._tx() as db:
-            if db.execute("UPDATE contacts SET state = ?, expires = ? WHERE id = ?",
-                          (REGISTERED, expires, contact_id)).rowcount == 0:
-                raise UnknownContact(f"contact {contact_id}")
+            self._register(db, contact_id, expires, uri, received)
             return self._get(db, contact_id)
+
+    def register_and_promote(self, contact_id: int, expires: float, *, uri: str,
+                             received: Address) -> Tunnel | None:
+        """`set_registered` and `promote` in one transaction: the 200 OK to a REGISTER that
+        came through the pending tunnel. Returns the tunnel it replaces, as `promote` does."""
+        with self._tx() as db:
+            self._register(db, contact_id, expires, uri, received)
+            return self._promote(db, contact_id)
+
+    def _register(self, db: sqlite3.Connection, contact_id: int, expires: float,
+                  uri: str | None, received: Address | None) -> None:
+        sets, args = "state = ?, expires = ?", [REGISTERED, expires]
+        if uri is not None:
+            parsed = parse_uri(uri)
+            target = uri_target(parsed)
+            sets += ", uri = ?, contact_host = ?, contact_port = ?, transport = ?"
+            args += [uri, target.host, target.port, _transport(parsed, received)]
+        if db.execute(f"UPDATE contacts SET {sets} WHERE id = ?",
+                      (*args, contact_id)).rowcount == 0:
+            raise UnknownContact(f"contact {contact_id}")
 
     def stage_tunnel(self, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
         """Record a tunnel on its lease as the contact's pending one, BEFORE its SAs go in.
@@ -298,11 +349,32 @@ class Store:
         Written first, so that whatever happens next (the install fails, the worker dies)
         the store knows every SA and policy that may exist for it and the sweep can remove
         them. Returns the pending tunnel it replaces (a repeated challenge), still leased.
+        Refused (PhoneSpiInUse) while another tunnel has one of the phone's SPIs: the kernel
+        can hold only one SA per (phone address, SPI), so that one must go first.
         """
         with self._tx() as db:
-            row = self._write_phone_side(db, tunnel)
-            old = self._get(db, contact_id).pending
-            db.execute("UPDATE contacts SET pending_tunnel_id = ? WHERE id = ?", (row, contact_id))
+            return self._stage(db, contact_id, tunnel)
+
+    def lease_and_stage(self, contact_id: int, ue_host: str, avoid: Iterable[int],
+                        build: Callable[[Lease], Tunnel]) -> tuple[Tunnel, Tunnel | None]:
+        """`lease` and `stage_tunnel` in one transaction: the tunnel `build` makes of the
+        new lease. Returns it and the pending tunnel it replaces (still leased)."""
+        with self._tx() as db:
+            tunnel = build(self._lease(db, ue_host, avoid))
+            return tunnel, self._stage(db, contact_id, tunnel)
+
+    def _stage(self, db: sqlite3.Connection, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
+        ue = tunnel.ue
+        clash = db.execute(
+            "SELECT spi_pc FROM tunnels WHERE ue_host = ? AND spi_pc != ?"
+            " AND (spi_uc IN (?, ?) OR spi_us IN (?, ?))",
+            (ue.host, tunnel.lease.spi_pc, ue.spi_uc, ue.spi_us, ue.spi_uc, ue.spi_us)).fetchone()
+        if clash is not None:
+            raise PhoneSpiInUse(f"{ue.host} SPIs {ue.spi_uc}/{ue.spi_us} are those of the "
+                                f"tunnel on spi-c={clash[0]}")
+        row = self._write_phone_side(db, tunnel)
+        old = self._get(db, contact_id).pending
+        db.execute("UPDATE contacts SET pending_tunnel_id = ? WHERE id = ?", (row, contact_id))
         return old if old is not None and old.lease != tunnel.lease else None
 
     def promote(self, contact_id: int) -> Tunnel | None:
@@ -311,11 +383,14 @@ class Store:
         Returns the tunnel it replaces, still leased: remove its SAs, then `release` it.
         """
         with self._tx() as db:
-            c = self._get(db, contact_id)
-            if c.pending is None:
-                return None
-            db.execute("UPDATE contacts SET tunnel_id = pending_tunnel_id,"
-                       " pending_tunnel_id = NULL WHERE id = ?", (contact_id,))
+            return self._promote(db, contact_id)
+
+    def _promote(self, db: sqlite3.Connection, contact_id: int) -> Tunnel | None:
+        c = self._get(db, contact_id)
+        if c.pending is None:
+            return None
+        db.execute("UPDATE contacts SET tunnel_id = pending_tunnel_id,"
+                   " pending_tunnel_id = NULL WHERE id = ?", (contact_id,))
         return c.tunnel if c.tunnel is not None and c.tunnel.lease != c.pending.lease else None
 
     def _write_phone_side(self, db: sqlite3.Connection, tunnel: Tunnel) -> int:
@@ -328,11 +403,26 @@ class Store:
         db.execute(
             "UPDATE tunnels SET lease_host = ?, ue_host = ?, spi_uc = ?, spi_us = ?,"
             " port_uc = ?, port_us = ?, alg = ?, ealg = ?, pcscf_host = ?, keys_digest = ?,"
-            " offer = ?, security_server = ? WHERE id = ?",
+            " offer = ?, security_server = ?, txn = ? WHERE id = ?",
             (ue.host, ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, tunnel.alg,
              tunnel.ealg, tunnel.pcscf_host, tunnel.keys_digest,
-             tunnel.offer, tunnel.security_server, row[0]))
+             tunnel.offer, tunnel.security_server, tunnel.txn, row[0]))
         return row[0]
+
+    def challenge_state(self, contact_id: int, ue: UeSide
+                        ) -> tuple[Contact | None, list[tuple[Tunnel, bool]]]:
+        """What ipsec_create decides on, read in one snapshot: the contact as it is now, and
+        the tunnels whose SAs to this phone use one of its SPIs (only one of them can be in
+        the kernel), each with whether some contact uses it (True) or only has it pending."""
+        with self._read() as db:
+            row = db.execute(f"{_CONTACT_SELECT} WHERE c.id = ?", (contact_id,)).fetchone()
+            clashes = db.execute(
+                f"SELECT {_TUNNEL_COLUMNS}, EXISTS (SELECT 1 FROM contacts c"
+                " WHERE c.tunnel_id = t.id) FROM tunnels t WHERE t.ue_host = ?"
+                " AND (t.spi_uc IN (?, ?) OR t.spi_us IN (?, ?))",
+                (ue.host, ue.spi_uc, ue.spi_us, ue.spi_uc, ue.spi_us)).fetchall()
+        return (_contact(row) if row is not None else None,
+                [(_tunnel(r[:-1]), bool(r[-1])) for r in clashes])
 
     def set_tunnel(self, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
         """Attach installed SAs (on a lease we hold) to a contact, in one transaction.
@@ -419,14 +509,20 @@ class Store:
         phone's protected ports (port_uc or port_us) on its address. Either transport: the SAs
         carry both."""
         host = normalize_host(host)
-        # two steps: SQLite plans "tunnel_id IN (subquery) OR ..." several times slower
-        ids = [row[0] for row in self._query(
-            "SELECT id FROM tunnels WHERE ue_host = ? AND ? IN (port_uc, port_us)", (host, port))]
-        if not ids:
-            return None
-        marks = ",".join("?" * len(ids))
-        return self._first(f"c.tunnel_id IN ({marks}) OR c.pending_tunnel_id IN ({marks})",
-                           tuple(ids) * 2, newest_first)
+        # two steps (SQLite plans "tunnel_id IN (subquery) OR ..." several times slower), in
+        # one read transaction
+        with self._read() as db:
+            ids = [row[0] for row in db.execute(
+                "SELECT id FROM tunnels WHERE ue_host = ? AND ? IN (port_uc, port_us)",
+                (host, port))]
+            if not ids:
+                return None
+            marks = ",".join("?" * len(ids))
+            order = "c.id DESC" if newest_first else "c.id"
+            row = db.execute(f"{_CONTACT_SELECT} WHERE c.tunnel_id IN ({marks}) OR"
+                             f" c.pending_tunnel_id IN ({marks}) ORDER BY {order} LIMIT 1",
+                             tuple(ids) * 2).fetchone()
+        return _contact(row) if row is not None else None
 
     def find_by_received(self, received: Address, *,
                          newest_first: bool = True) -> Contact | None:
@@ -524,25 +620,33 @@ def _sqlite_errors(path: str) -> Iterator[None]:
         raise StoreError(f"store {path}: {exc}") from exc
 
 
+def _transport(uri: SipUri, received: Address | None) -> str:
+    """How to reach a phone: its Contact's transport parameter, else how it reached us."""
+    asked = uri.params.get("transport", "").lower()
+    if asked in TRANSPORTS:
+        return asked
+    return received.proto if received is not None else "udp"
+
+
 def _address(addr: Address) -> Address:
     """Accept any host/port/proto object, compared in the store's one spelling of hosts."""
     return Address(addr.host, addr.port, addr.proto)
 
 
 def _contact(row: tuple) -> Contact:
-    tunnel = _tunnel(row[11:26]) if row[15] is not None else None
-    pending = _tunnel(row[26:41]) if row[30] is not None else None
+    used, staged = row[_NC:_NC + _NT], row[_NC + _NT:_NC + 2 * _NT]
     return Contact(id=row[0], aor=row[1], uri=row[2], via=Address(row[3], row[4], row[5]),
                    received=Address(row[6], row[7], row[8]), state=row[9], expires=row[10],
-                   tunnel=tunnel, pending=pending)
+                   transport=row[11], tunnel=_tunnel(used) if used[4] is not None else None,
+                   pending=_tunnel(staged) if staged[4] is not None else None)
 
 
 def _tunnel(row: tuple) -> Tunnel:
     (spi_pc, spi_ps, port_pc, port_ps, ue_host, spi_uc, spi_us, port_uc, port_us, alg, ealg,
-     pcscf_host, digest, offer, security_server) = row
+     pcscf_host, digest, offer, security_server, txn) = row
     return Tunnel(Lease(spi_pc, spi_ps, port_pc, port_ps),
                   UeSide(ue_host, spi_uc, spi_us, port_uc, port_us), alg, ealg, pcscf_host,
-                  bytes(digest), offer, security_server)
+                  bytes(digest), offer, security_server, bytes(txn or b""))
 
 
 def _tunnel_or_lease(row: tuple) -> Tunnel | Lease:

@@ -13,13 +13,13 @@ re-opened when the process id changed, so no two processes ever share a netlink 
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from .. import forks
 from . import codec
 from . import structs as k
 from .errors import XfrmError, XfrmNotFound, xfrm_error
@@ -54,7 +54,7 @@ class Xfrm:
         """`netns`: a name from `ip netns add`, or None for this process's namespace."""
         self._netns = netns
         self._sock: socket.socket | None = None
-        self._pid = 0
+        self._gen = -1
         self._seq = 0
         self._lock = threading.Lock()
         self._buf = bytearray(RECV_BUFFER)
@@ -74,15 +74,15 @@ class Xfrm:
         return sock
 
     def _socket(self) -> socket.socket:
-        pid = os.getpid()
-        if self._sock is None or self._pid != pid:
+        gen = forks.generation()
+        if self._sock is None or self._gen != gen:
             self.close()  # after a fork: the parent's socket is not ours to read
             if self._netns is None:
                 self._sock = self._open()
             else:
                 with entered(self._netns):
                     self._sock = self._open()
-            self._pid = pid
+            self._gen = gen
         return self._sock
 
     def _next_seqs(self, count: int) -> int:

@@ -15,12 +15,17 @@ What Kamailio does, the double does (each point is a fact of Kamailio 5.6.3, mea
 in its source, and exercised against it in the end-to-end tests):
 - Reads see the message as received. `hdr.append`/`hdr.remove` only record changes (they are
   lumps in Kamailio, applied when the message is sent); `$hdr`, `hdr.is_present` and
-  `$T_req(...)` keep returning the original headers. `_rec.headers()` is what would be sent.
+  `$T_req(...)` keep returning the original headers. `_r().headers()` is what would be sent.
 - Types: `$rs` int for a reply, None for a request; `$sp`/`$Rp` ints; absent values None.
 - `corex.set_send_socket`/`set_recv_socket` return 1 even when no listen socket matches (a
   warning is logged and nothing changes); `set_recv_socket` changes `$Ri`/`$Rp`/`$pr`,
-  `set_source_address` changes `$si`/`$sp`. The transaction keeps the request as it was at
-  `t_relay`, so `$T_req($sp)` in a reply route reads the changed source.
+  `set_source_address` changes `$si`/`$sp`.
+- The transaction is created by `t_newtran` (or by `t_relay` when none exists): it keeps the
+  request as it was then (`$T_req(...)` in a reply route reads that copy) and fixes where its
+  replies go from the socket and source of that moment; changing either afterwards is too
+  late. `t_newtran` answers 0 for a retransmission of a request whose transaction exists
+  (`_load_request(..., retransmission=True)`): TM resent the last reply, the script stops.
+- `sl.send_reply` answers through the transaction when one exists, statelessly otherwise.
 Any KSR function or pseudo-variable not written here raises AttributeError: a test must never
 pass because the double quietly accepted a call Kamailio would answer differently.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import threading
 from dataclasses import dataclass, field, replace
 
 Source = tuple[str, int, str]  # $si, $sp, $pr
@@ -108,11 +114,23 @@ class _View:
 
 @dataclass(frozen=True)
 class Reply:
-    """A reply the script sent itself (sl_send_reply, sl_reply_error)."""
+    """A reply the script sent itself (sl_send_reply, send_reply, t_reply, sl_reply_error);
+    `stateful`: sent through the transaction (so its retransmissions are answered too)."""
 
     code: int
     reason: str
     headers: tuple[tuple[str, str], ...] = ()
+    stateful: bool = False
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """What TM fixed when it created the transaction: the request's copy, and its replies'
+    socket and target (None: back where the request came from, on the socket it arrived on)."""
+
+    request: "_View"
+    reply_socket: str | None
+    reply_target: str | None
 
 
 @dataclass(frozen=True)
@@ -138,6 +156,8 @@ class Record:
     view: _View | None = None
     request: _View | None = None  # the transaction's request (replies only)
     in_transaction: bool = False
+    transaction: Transaction | None = None  # created by t_newtran / t_relay (requests)
+    retransmission: bool = False  # a transaction for this request exists already
     added: list[tuple[str, str]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     rewritten: dict[int, str] = field(default_factory=dict)  # header index -> new body
@@ -172,15 +192,23 @@ class Record:
         return "".join(line for lines in self.logs.values() for line in lines)
 
 
-_rec = Record()
+# Each Kamailio worker has its own current message: so has each thread here (a test may run
+# two "workers" at once). `KSR._rec` is the calling thread's record.
+_local = threading.local()
+
+
+def _r() -> Record:
+    rec = getattr(_local, "rec", None)
+    if rec is None:
+        rec = _local.rec = Record()
+    return rec
 _defs: dict[str, str] = {}
 _sockets: list[tuple[str, str, int]] = []
 
 
 def _reset() -> None:
     """Forget everything: message, record, defines, listen sockets."""
-    global _rec
-    _rec = Record()
+    _local.rec = Record()
     _defs.clear()
     _sockets.clear()
 
@@ -199,16 +227,17 @@ def _listen(*sockets: str) -> None:
 
 def _load_request(raw: str, source: Source = ("10.0.0.2", 5060, "udp"),
                   local: Local = ("10.0.0.1", 5060), *, new_ruri: str | None = None,
-                  dst_uri: str | None = None, in_transaction: bool = False) -> Record:
+                  dst_uri: str | None = None, in_transaction: bool = False,
+                  retransmission: bool = False) -> Record:
     """A request arrives. `new_ruri`/`dst_uri`: state an earlier part of the script set;
-    `in_transaction`: t_check_trans finds a transaction for it (an ACK to a known INVITE)."""
-    global _rec
+    `in_transaction`: t_check_trans finds a transaction for it (an ACK to a known INVITE);
+    `retransmission`: another worker already created its transaction (t_newtran answers 0)."""
     msg = parse(raw)
     if not msg.is_request:
         raise ValueError("KSR double: _load_request needs a request")
-    _rec = Record(view=_View(msg, _source(source), local, new_ruri, dst_uri),
-                  in_transaction=in_transaction)
-    return _rec
+    rec = _local.rec = Record(view=_View(msg, _source(source), local, new_ruri, dst_uri),
+                  in_transaction=in_transaction, retransmission=retransmission)
+    return rec
 
 
 def _load_reply(raw: str, request: str | Relay, *,
@@ -218,7 +247,6 @@ def _load_reply(raw: str, request: str | Relay, *,
                 local: Local = ("10.0.0.1", 5060)) -> Record:
     """A reply arrives for a transaction: its request is a Relay recorded earlier (as TM
     cloned it at t_relay), or raw text received from `request_source` on `request_local`."""
-    global _rec
     msg = parse(raw)
     if msg.is_request:
         raise ValueError("KSR double: _load_reply needs a reply")
@@ -226,8 +254,8 @@ def _load_reply(raw: str, request: str | Relay, *,
         req = request.request
     else:
         req = _View(parse(raw=request), _source(request_source), request_local)
-    _rec = Record(view=_View(msg, _source(source), local), request=req, in_transaction=True)
-    return _rec
+    rec = _local.rec = Record(view=_View(msg, _source(source), local), request=req, in_transaction=True)
+    return rec
 
 
 def _source(src: Source) -> Source:
@@ -253,13 +281,13 @@ def _socket_key(sock: str) -> tuple[str, str, int]:
 
 
 def _current() -> _View:
-    if _rec.view is None:
+    if _r().view is None:
         raise RuntimeError("KSR double: no message loaded (KSR._load_request/_load_reply)")
-    return _rec.view
+    return _r().view
 
 
 def _log(level: str, text: str) -> None:
-    _rec.logs[level].append(text)
+    _r().logs[level].append(text)
 
 
 # -- pseudo-variables ----------------------------------------------------------------------
@@ -281,10 +309,10 @@ def _user_of(uri: str | None) -> str | None:
 def _eval(view: _View, name: str):
     m = _AVP.fullmatch(name)
     if m:
-        return _rec.avps.get(m["name"])
+        return _r().avps.get(m["name"])
     m = _T_REQ.fullmatch(name)
     if m:
-        request = _rec.request
+        request = _r().request
         return None if request is None else _eval(request, m["inner"])
     m = _HDR.fullmatch(name)
     if m:
@@ -310,7 +338,7 @@ def _eval(view: _View, name: str):
         "$pr": lambda: view.source[2],
         "$Ri": lambda: view.local[0],
         "$Rp": lambda: view.local[1],
-        "$fs": lambda: _rec.send_socket if req else None,
+        "$fs": lambda: _r().send_socket if req else None,
     }
     if name not in simple:
         raise AttributeError(f"KSR double: pseudo-variable {name} is not implemented")
@@ -331,6 +359,8 @@ class _Namespace:
 
 
 def __getattr__(attr: str):
+    if attr == "_rec":
+        return _r()
     raise AttributeError(f"KSR.{attr} is not implemented by the KSR double")
 
 
@@ -344,13 +374,13 @@ def _hdr_append(text: str) -> int:
     name, colon, value = text[:-2].partition(":")
     if not colon or "\r\n" in value:
         raise ValueError(f"KSR double: hdr.append takes one 'Name: value' line: {text!r}")
-    _rec.added.append((name.strip(), value.strip()))
+    _r().added.append((name.strip(), value.strip()))
     return 1
 
 
 def _hdr_remove(name: str) -> int:
     _current()
-    _rec.removed.append(name)
+    _r().removed.append(name)
     return 1
 
 
@@ -360,7 +390,7 @@ def _hdr_is_present(name: str) -> int:
 
 def _hdr_append_to_reply(text: str) -> int:
     name, _, value = text.rstrip("\r\n").partition(":")
-    _rec.reply_headers.append((name.strip(), value.strip()))
+    _r().reply_headers.append((name.strip(), value.strip()))
     return 1
 
 
@@ -373,44 +403,72 @@ def _request_only(what: str) -> _View:
 
 def _sl_send_reply(code: int, reason: str) -> int:
     _request_only("sl_send_reply")
-    _rec.replies.append(Reply(int(code), reason, tuple(_rec.reply_headers)))
+    _r().replies.append(Reply(int(code), reason, tuple(_r().reply_headers)))
+    return 1
+
+
+def _send_reply(code: int, reason: str) -> int:
+    """sl's send_reply: through the transaction when the request has one."""
+    _request_only("send_reply")
+    stateful = _r().transaction is not None
+    _r().replies.append(Reply(int(code), reason, tuple(_r().reply_headers), stateful))
+    return 1
+
+
+def _create_transaction() -> Transaction:
+    if _r().transaction is None:
+        _r().transaction = Transaction(_current(), _r().reply_socket, _r().reply_target)
+        _r().in_transaction = True
+    return _r().transaction
+
+
+def _t_newtran() -> int:
+    """1: created; 0: a retransmission (TM resent the last reply); -10 (E_SCRIPT): this
+    request already has its transaction."""
+    _request_only("t_newtran")
+    if _r().retransmission:
+        return 0
+    if _r().transaction is not None:
+        return -10
+    _create_transaction()
     return 1
 
 
 def _sl_reply_error() -> int:
     """Kamailio answers with the code of the last internal error; the double records 500."""
     _request_only("sl_reply_error")
-    _rec.replies.append(Reply(500, "Server Internal Error", tuple(_rec.reply_headers)))
+    _r().replies.append(Reply(500, "Server Internal Error", tuple(_r().reply_headers)))
     return 1
 
 
 def _t_relay() -> int:
     view = _request_only("t_relay")
-    _rec.relays.append(Relay(
+    t = _create_transaction()
+    _r().relays.append(Relay(
         ruri=view.new_ruri or view.msg.ruri, dst_uri=view.dst_uri,
-        send_socket=_rec.send_socket, reply_socket=_rec.reply_socket,
-        reply_target=_rec.reply_target, headers=tuple(_rec.headers()),
-        record_route=tuple(_rec.record_route), on_reply=_rec.on_reply,
-        on_failure=_rec.on_failure, request=view))
-    _rec.in_transaction = True
-    return _rec.relay_result
+        send_socket=_r().send_socket, reply_socket=t.reply_socket,
+        reply_target=t.reply_target, headers=tuple(_r().headers()),
+        record_route=tuple(_r().record_route), on_reply=_r().on_reply,
+        on_failure=_r().on_failure, request=t.request))
+    return _r().relay_result
 
 
 def _t_on_reply(route: str) -> int:
-    _rec.on_reply = route
+    _r().on_reply = route
     return 1
 
 
 def _t_on_failure(route: str) -> int:
-    _rec.on_failure = route
+    _r().on_failure = route
     return 1
 
 
 def _t_reply(code: int, reason: str) -> int:
-    """A reply TM sends for the transaction (from a failure route, after a reply)."""
-    if _rec.request is None:
+    """A reply TM sends for the transaction (from a failure route, after a reply, or in the
+    request route after t_newtran)."""
+    if _r().request is None and _r().transaction is None:
         raise RuntimeError("KSR double: t_reply without a transaction")
-    _rec.replies.append(Reply(int(code), reason, tuple(_rec.reply_headers)))
+    _r().replies.append(Reply(int(code), reason, tuple(_r().reply_headers), True))
     return 1
 
 
@@ -418,12 +476,12 @@ def _pv_seti(name: str, value: int) -> int:
     m = _AVP.fullmatch(name)
     if not m:
         raise AttributeError(f"KSR double: pv.seti({name}) is not implemented")
-    _rec.avps[m["name"]] = int(value)
+    _r().avps[m["name"]] = int(value)
     return 1
 
 
 def _t_check_trans() -> int:
-    return 1 if _rec.in_transaction else -1
+    return 1 if _r().in_transaction else -1
 
 
 def _match_socket(sock: str) -> tuple[str, str, int] | None:
@@ -438,7 +496,7 @@ def _match_socket(sock: str) -> tuple[str, str, int] | None:
 
 def _set_send_socket(sock: str) -> int:
     if _match_socket(sock) is not None:
-        _rec.send_socket = sock
+        _r().send_socket = sock
     return 1
 
 
@@ -447,21 +505,21 @@ def _set_recv_socket(sock: str) -> int:
     if key is not None:
         proto, host, port = key
         view = _current()
-        _rec.reply_socket = sock
-        _rec.view = replace(view, local=(host, port), source=(*view.source[:2], proto))
+        _r().reply_socket = sock
+        _r().view = replace(view, local=(host, port), source=(*view.source[:2], proto))
     return 1
 
 
 def _set_source_address(addr: str) -> int:
     _, host, port = _socket_key(addr)
     view = _current()
-    _rec.reply_target = addr
-    _rec.view = replace(view, source=(host, port, view.source[2]))
+    _r().reply_target = addr
+    _r().view = replace(view, source=(host, port, view.source[2]))
     return 1
 
 
 def _setdsturi(uri: str) -> int:
-    _rec.view = replace(_current(), dst_uri=uri)
+    _r().view = replace(_current(), dst_uri=uri)
     return 1
 
 
@@ -499,16 +557,16 @@ def _loose_route() -> int:
         double = "r2=on" in routes.pop(0).lower()
         if double and routes and _is_myself(routes[0]):
             routes.pop(0)
-        _rec.removed.append("Route")
-        _rec.added.extend(("Route", r) for r in routes)
+        _r().removed.append("Route")
+        _r().added.extend(("Route", r) for r in routes)
     if routes:
-        _rec.view = replace(_rec.view, dst_uri=routes[0].strip("<>").split(">")[0])
+        _r().view = replace(_r().view, dst_uri=routes[0].strip("<>").split(">")[0])
     return 1
 
 
 def _record_route_preset(addr: str, addr2: str) -> int:
     _request_only("record_route_preset")
-    _rec.record_route.append((addr, addr2))
+    _r().record_route.append((addr, addr2))
     return 1
 
 
@@ -516,12 +574,12 @@ def _add_path() -> int:
     """Path with the address of the socket the request will leave from (Kamailio fills it in
     at send time: the forced send socket, else the first listen socket of its protocol)."""
     view = _request_only("add_path")
-    if _rec.send_socket is not None:
-        _, host, port = _socket_key(_rec.send_socket)
+    if _r().send_socket is not None:
+        _, host, port = _socket_key(_r().send_socket)
     else:
         _, host, port = next(s for s in _sockets if s[0] == view.source[2])
     shown = f"[{host}]" if ":" in host else host
-    _rec.added.append(("Path", f"<sip:{shown}:{port};lr>"))
+    _r().added.append(("Path", f"<sip:{shown}:{port};lr>"))
     return 1
 
 
@@ -537,25 +595,26 @@ def _process_maxfwd(limit: int) -> int:
             value = int(body)
             if value == 0:
                 return -1
-            _rec.rewritten[i] = str(min(value, MAXFWD_MAX_LIMIT + 1) - 1)
+            _r().rewritten[i] = str(min(value, MAXFWD_MAX_LIMIT + 1) - 1)
             return 1
-    _rec.added.append(("Max-Forwards", str(limit)))
+    _r().added.append(("Max-Forwards", str(limit)))
     return 2
 
 
 def _change_reply_status(code: int, reason: str) -> int:
     if _current().msg.is_request:
         raise RuntimeError("KSR double: change_reply_status called on a request")
-    _rec.reply_status = (int(code), reason)
+    _r().reply_status = (int(code), reason)
     return 1
 
 
 pv = _Namespace("pv", get=_pv_get, seti=_pv_seti)
 hdr = _Namespace("hdr", append=_hdr_append, remove=_hdr_remove, is_present=_hdr_is_present,
                  append_to_reply=_hdr_append_to_reply)
-sl = _Namespace("sl", sl_send_reply=_sl_send_reply, sl_reply_error=_sl_reply_error)
+sl = _Namespace("sl", sl_send_reply=_sl_send_reply, send_reply=_send_reply,
+                sl_reply_error=_sl_reply_error)
 tm = _Namespace("tm", t_relay=_t_relay, t_on_reply=_t_on_reply, t_on_failure=_t_on_failure,
-                t_reply=_t_reply, t_check_trans=_t_check_trans)
+                t_reply=_t_reply, t_check_trans=_t_check_trans, t_newtran=_t_newtran)
 corex = _Namespace("corex", set_send_socket=_set_send_socket, set_recv_socket=_set_recv_socket,
                    set_source_address=_set_source_address)
 rr = _Namespace("rr", loose_route=_loose_route, record_route_preset=_record_route_preset)

@@ -28,6 +28,8 @@ def probe_request(KSR, pcscf: str, protected_port: int) -> dict:
     out["seti($avp(probe))"] = KSR.pv.seti("$avp(probe)", 7)
     out["$avp(probe) after seti"] = KSR.pv.get("$avp(probe)")
     out["set_recv_socket"] = KSR.corex.set_recv_socket(f"udp:{pcscf}:{protected_port}")
+    out["t_newtran"] = KSR.tm.t_newtran()
+    out["t_newtran again"] = KSR.tm.t_newtran()
     out["set_source_address"] = KSR.corex.set_source_address("udp:10.77.0.2:40998")
     out["$Rp, $sp after"] = [KSR.pv.get("$Rp"), KSR.pv.get("$sp")]
     return out

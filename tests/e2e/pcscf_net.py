@@ -122,9 +122,13 @@ class Scscf:
         self.sock = _socket(link.pc, 4, socket.SOCK_DGRAM)
         self.sock.bind((self.addr, SCSCF_PORT))
         self.sock.settimeout(0.2)
-        self.keys: dict[str, tuple[bytes, bytes]] = {}  # AoR -> CK, IK of the last 401
+        # nonce -> CK, IK: what the phone's USIM derives from the challenge (RAND) it received
+        self.keys: dict[str, tuple[bytes, bytes]] = {}
         self.fixed_keys: tuple[bytes, bytes] | None = None
         self.expires: int | None = None  # override what the 200 OK grants
+        # answer each challenged REGISTER a second time, with other keys, as a stateless core
+        # answers TM's retransmission: TM relays the first 401 only
+        self.second_challenge = False
         self.paths: dict[str, str] = {}
         self.seen: list[Msg] = []
         self.replies: "queue.Queue[Msg]" = queue.Queue()
@@ -173,12 +177,18 @@ class Scscf:
             self._answer(req, r)
             return
         ck, ik = self.fixed_keys or (secrets.token_bytes(16), secrets.token_bytes(16))
-        self.keys[aor] = (ck, ik)
+        self._answer(req, self._challenge(req, ck, ik))
+        if self.second_challenge:
+            self._answer(req, self._challenge(req, secrets.token_bytes(16), secrets.token_bytes(16)))
+
+    def _challenge(self, req: Msg, ck: bytes, ik: bytes) -> Msg:
+        nonce = secrets.token_urlsafe(24)
+        self.keys[nonce] = (ck, ik)
         r = reply(req, 401, "Unauthorized - Challenging the UE", to_tag=token())
         r.add("WWW-Authenticate",
-              f'Digest realm="ims.test", nonce="{secrets.token_urlsafe(24)}", algorithm=AKAv1-MD5, '
+              f'Digest realm="ims.test", nonce="{nonce}", algorithm=AKAv1-MD5, '
               f'ck="{ck.hex()}", ik="{ik.hex()}", qop="auth"')
-        self._answer(req, r)
+        return r
 
     def _on_invite(self, req: Msg) -> None:  # a call from the phone: ring, answer
         tag = token()
@@ -292,6 +302,10 @@ class Phone:
             s.close()
 
     # -- sending -------------------------------------------------------------------------
+    def contact_uri(self, port: int) -> str:
+        return f"sip:{self.user}@{hostport(self.ip, port)}" + (
+            ";transport=tcp" if self.proto == "tcp" else "")
+
     def security_client(self) -> str:
         alg, ealg = self.offer
         return (f"ipsec-3gpp;alg={alg};ealg={ealg};prot=esp;mod=trans;spi-c={self.offer_spi_uc};"
@@ -314,7 +328,7 @@ class Phone:
         m.add("To", f"<{self.aor}>")
         m.add("Call-ID", self.call_id)
         m.add("CSeq", f"{self.cseq} REGISTER")
-        m.add("Contact", f"<sip:{self.user}@{hostport(self.ip, self.offer_us)}>;expires={expires}")
+        m.add("Contact", f"<{self.contact_uri(self.offer_us)}>;expires={expires}")
         m.add("Expires", str(expires))
         m.add("Supported", "path, sec-agree")
         m.add("Require", "sec-agree")
@@ -366,6 +380,13 @@ class Phone:
             self._tcp[key] = conn
             self._bufs[key] = bytearray()
         conn.sendall(m.encode())
+
+    def retransmit(self, times: int) -> None:
+        """The last UDP request again, at once (a phone whose timer A fired while the P-CSCF
+        was still busy with the first copy, or several phones' worth of impatience)."""
+        m, sport, dport = self._last
+        for _ in range(times):
+            self._udp[sport].sendto(m.encode(), (self.pcscf, dport))
 
     def respond(self, req: Msg, key: object, status: int, reason: str, tag: str) -> Msg:
         """Answer a request the P-CSCF brought: UDP from port_us to its Via, TCP on its connection."""
@@ -433,7 +454,8 @@ class Phone:
         server = response.get("Security-Server")
         assert server, "401 without Security-Server"
         p = params(server)
-        ck, ik = self.scscf.keys[self.aor]
+        nonce = re.search(r'nonce="([^"]+)"', response.get("WWW-Authenticate")).group(1)
+        ck, ik = self.scscf.keys[nonce]
         t = Tunnel(pcscf=self.pcscf, ue=self.ip, port_pc=int(p["port-c"]),
                    port_ps=int(p["port-s"]), port_uc=self.offer_uc, port_us=self.offer_us,
                    spi_pc=int(p["spi-c"]), spi_ps=int(p["spi-s"]), spi_uc=self.offer_spi_uc,
@@ -452,10 +474,13 @@ class Phone:
         run("ip", "-n", self.link.ue, "-batch", "-", stdin="\n".join(lines) + "\n")
 
     def challenge(self, *, protected: bool, expires: int = 600) -> Msg:
-        """REGISTER without credentials -> 401 -> our SAs for what it offers."""
+        """REGISTER without credentials -> 401 (to this REGISTER, not an earlier one) -> our
+        SAs for what it offers."""
         verify = self.security_server if protected else None
         self.register(protected=protected, expires=expires, verify=verify)
-        r401, _, _ = self.wait_reply(401, "REGISTER")
+        cseq = f"{self.cseq} REGISTER"
+        r401, _, _ = self.wait(lambda m: not m.is_request and m.status == 401
+                               and m.get("CSeq") == cseq, "401 to REGISTER", retransmit=True)
         assert_no_keys(r401)
         self.pending = self.setup_sas(r401)
         return r401
@@ -482,13 +507,14 @@ def mt_call(phone: Phone, scscf: Scscf) -> None:
     """The S-CSCF calls the phone through the P-CSCF (Path as Route); phone answers; BYE."""
     path = uri_of(scscf.paths[phone.aor])
     call_id, ftag = token(), token()
-    ruri = f"sip:{phone.user}@{phone.ip if phone.family == 4 else '[' + phone.ip + ']'}:{phone.tunnel.port_us}"
+    ruri = phone.contact_uri(phone.tunnel.port_us)  # the registered Contact
     to = f"<sip:{phone.user}@ims.test>"
     invite = scscf.new_request("INVITE", ruri, call_id=call_id, from_tag=ftag, to=to, cseq=1,
                                route=[f"<{path}>"])
     scscf.request(invite)
     req, key, peer = phone.wait(lambda m: m.is_request and m.method == "INVITE", "INVITE")
     assert peer[1] == phone.tunnel.port_pc
+    assert isinstance(key, tuple) == (phone.proto == "tcp"), f"INVITE came over {key}"
     tag = token()
     phone.respond(req, key, 180, "Ringing", tag)
     phone.respond(req, key, 200, "OK", tag)

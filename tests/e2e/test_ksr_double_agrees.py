@@ -46,9 +46,10 @@ def _real(link, tmp: Path) -> tuple[dict, dict, str]:
         stdout=open(tmp / "kamailio.log", "w"), stderr=subprocess.STDOUT, cwd="/")
     try:
         deadline = time.monotonic() + 30
-        while not (tmp / "request.json").exists() and time.monotonic() < deadline:
-            ue.sendto(REQUEST.encode(), (PCSCF, 5060))  # until Kamailio is up
-            time.sleep(0.5)
+        while not _listening(link) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # once: a copy sent again would meet the first one's transaction (t_check_trans 0)
+        ue.sendto(REQUEST.encode(), (PCSCF, 5060))
         relayed = parse(stub.recvfrom(65535)[0])
         answer = reply(relayed, 401, "Unauthorized", to_tag="s1")
         answer.add("WWW-Authenticate", 'Digest realm="ims.test", nonce="n", ck="00", ik="11"')
@@ -65,6 +66,13 @@ def _real(link, tmp: Path) -> tuple[dict, dict, str]:
         proc.wait(timeout=15)
         stub.close()
         ue.close()
+
+
+def _listening(link) -> bool:
+    """Kamailio's workers read port 5060 (ss in its namespace), so one request suffices."""
+    out = subprocess.run(["ip", "netns", "exec", link.pc, "ss", "-Hlun", "sport", "=", ":5060"],
+                         capture_output=True, text=True).stdout
+    return bool(out.strip())
 
 
 def relayed_via(msg) -> tuple[str, int]:

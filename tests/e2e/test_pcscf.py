@@ -2,9 +2,10 @@
 sets up its own SAs with `ip xfrm`, and an S-CSCF stub. Scenarios of issue 6."""
 from __future__ import annotations
 
+import sqlite3
 import time
 
-from checks import through_esp
+from checks import assert_store_matches_kernel, through_esp
 from pcscf_net import Phone, assert_no_keys, mo_call, mt_call, pcscf_states, wait_gone
 
 
@@ -17,6 +18,39 @@ def test_register(link, scscf, kamailio):
     with through_esp(phone, "sa1", "sa3"):
         phone.full_registration()
     assert len([s for s in pcscf_states(link) if s["dst"] == phone.ip]) == 2
+
+
+def test_retransmissions_during_processing_make_one_transaction(link, scscf, kamailio):
+    """Copies of a REGISTER that reach other workers while the first is still in the route
+    (here: waiting for the store, which another process holds, as a big sweep would) are
+    absorbed by its transaction: one REGISTER reaches the core, one challenge, one tunnel.
+    Before, each copy was relayed, challenged and given SAs, and the 401 the phone used
+    named SAs the store had lost."""
+    phone = _phone(link, scscf, "impatient")
+    seen, saved_before = len(scscf.seen), kamailio.log().count("pending contact")
+    store = sqlite3.connect(kamailio.run_dir / "ipsec-pcscf.sqlite", isolation_level=None)
+    store.execute("BEGIN IMMEDIATE")
+    try:
+        m = phone.register(protected=False)
+        phone.retransmit(4)
+        time.sleep(1.5)
+    finally:
+        store.execute("COMMIT")
+        store.close()
+    r401, _, _ = phone.wait_reply(401, "REGISTER")
+    time.sleep(1.0)  # whatever else the copies caused has arrived by now
+    call = [x for x in scscf.seen[seen:] if x.is_request and x.get("Call-ID") == m.get("Call-ID")]
+    assert len(call) == 1, f"{len(call)} REGISTERs reached the core"
+    # the copies were absorbed before the route's work: one pending contact saved, not five
+    assert kamailio.log().count("pending contact") - saved_before == 1
+    servers = {x.get("Security-Server") for x in phone.seen if not x.is_request and x.status == 401}
+    assert servers == {r401.get("Security-Server")}
+    mine = [s for s in pcscf_states(link) if s["dst"] == phone.ip and s["dport"] in
+            (phone.offer_uc, phone.offer_us)]
+    assert len(mine) == 2, mine
+    phone.pending = phone.setup_sas(r401)
+    with through_esp(phone, "sa1", "sa3"):
+        phone.authenticate()
 
 
 def test_reregistration_reuses_tunnel_when_keys_unchanged(link, scscf, kamailio):
@@ -83,7 +117,7 @@ def test_security_verify_mismatch_is_refused(link, scscf, kamailio):
     phone.tunnel = phone.pending
     seen = len(scscf.seen)
     bad = phone.security_server.replace("spi-c=", "spi-c=1")
-    with through_esp(phone, "sa1", "sa2"):  # stateless 403s go back on the request's pair
+    with through_esp(phone, "sa1", "sa3"):  # a 403 leaves through the SAs like every reply
         phone.register(protected=True, verify=bad, response=True)
         phone.wait_reply(403, "REGISTER")
         phone.register(protected=True, verify=None, response=True)
@@ -148,3 +182,61 @@ def test_registering_again_right_after_deregistering(link, scscf, kamailio):
     assert wait_gone(link, old, timeout=6)
     with through_esp(phone, "sa1", "sa3"):
         mo_call(phone, scscf)
+
+
+def _store(kamailio):
+    return kamailio.run_dir / "ipsec-pcscf.sqlite"
+
+
+def test_a_second_challenge_to_one_register_keeps_the_first_tunnel(link, scscf, kamailio):
+    """The core answers a REGISTER twice with different keys (a stateless core answering TM's
+    retransmission): TM relays the first 401, and its SAs must be the ones that stay."""
+    phone = _phone(link, scscf, "twice")
+    scscf.second_challenge = True
+    try:
+        phone.challenge(protected=False)
+        time.sleep(0.5)  # the second 401 has been through the reply route by now
+    finally:
+        scscf.second_challenge = False
+    assert_store_matches_kernel(link, _store(kamailio))
+    with through_esp(phone, "sa1", "sa3"):
+        phone.authenticate()
+    assert_store_matches_kernel(link, _store(kamailio))
+
+
+def test_a_new_register_with_the_same_offer_replaces_the_unanswered_one(link, scscf, kamailio):
+    """The phone starts a second REGISTER (same Security-Client) before the first is
+    answered: it acts on the second 401, whose SAs replace the first's."""
+    phone = _phone(link, scscf, "restart")
+    phone.register(protected=False)
+    phone.challenge(protected=False)
+    time.sleep(0.5)
+    assert_store_matches_kernel(link, _store(kamailio))
+    with through_esp(phone, "sa1", "sa3"):
+        phone.authenticate()
+    assert_store_matches_kernel(link, _store(kamailio))
+
+
+def test_rekey_with_new_ports_then_a_call_to_the_phone(link, scscf, kamailio):
+    """33.203 7.4 with new SPIs AND new ports: the REGISTER through the new SAs names the new
+    protected server port in its Contact; calls to it must arrive (before: 480)."""
+    phone = _phone(link, scscf, "moving")
+    phone.full_registration()
+    old = phone.tunnel
+    phone.new_offer()  # new port_uc and port_us
+    phone.full_registration()
+    assert phone.tunnel.port_us != old.port_us
+    assert wait_gone(link, old, timeout=3)
+    with through_esp(phone, "sa3", "sa4"):
+        mt_call(phone, scscf)
+
+
+def test_udp_first_then_tcp_on_the_protected_ports(link, scscf, kamailio):
+    """The first REGISTER over UDP, then TCP through the SAs with ;transport=tcp in the
+    Contact: calls to the phone come over TCP (before: over UDP)."""
+    phone = _phone(link, scscf, "switcher")
+    phone.challenge(protected=False)
+    phone.proto = "tcp"
+    phone.authenticate()
+    with through_esp(phone, "sa3", "sa4"):
+        mt_call(phone, scscf)

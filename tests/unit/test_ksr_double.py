@@ -128,6 +128,29 @@ def test_relay_records_the_state_and_the_transaction_keeps_the_request():
     assert KSR.pv.get("$T_req($du)") == f"sip:{CORE}:5060"
 
 
+def test_newtran_fixes_the_request_copy_and_the_reply_path():
+    KSR._load_request(invite(), source=(UE, 31000, "udp"), local=(PCSCF, 5200))
+    KSR.corex.set_recv_socket(f"udp:{PCSCF}:5100")
+    assert KSR.tm.t_newtran() == 1
+    assert KSR.tm.t_newtran() == -10  # E_SCRIPT: this request has its transaction already
+    KSR.corex.set_source_address(f"udp:{UE}:31001")  # too late for the transaction
+    assert KSR.tm.t_relay() == 1
+    relay = KSR._rec.relays[0]
+    assert (relay.reply_socket, relay.reply_target) == (f"udp:{PCSCF}:5100", None)
+    KSR._load_reply(reply_to(invite(), 180, "Ringing"), relay)
+    assert (KSR.pv.get("$T_req($sp)"), KSR.pv.get("$T_req($Rp)")) == (31000, 5100)
+
+
+def test_newtran_absorbs_a_retransmission_and_send_reply_follows_the_transaction():
+    KSR._load_request(invite(), retransmission=True)
+    assert KSR.tm.t_newtran() == 0
+    KSR._load_request(invite())
+    KSR.sl.send_reply(404, "Not Here")
+    assert KSR.tm.t_newtran() == 1
+    KSR.sl.send_reply(403, "Forbidden")
+    assert [(r.code, r.stateful) for r in KSR._rec.replies] == [(404, False), (403, True)]
+
+
 def test_sl_replies_carry_append_to_reply_headers():
     KSR._load_request(invite())
     KSR.hdr.append_to_reply("Require: sec-agree\r\n")

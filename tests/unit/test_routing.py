@@ -14,7 +14,7 @@ import pytest
 import KSR
 from ipsec.sipuri import Address
 from ipsec.xfrm import structs as k
-from scenario import (AOR, CK, CORE, IK, PCSCF, PORT_UC, PORT_US, UE, FakeKernel,
+from scenario import (AOR, CK, CORE, IK, OFFER, PCSCF, PORT_UC, PORT_US, UE, FakeKernel,
                       challenge, defines, register, reply_to, request, server_param)
 
 SEC_AGREE = ("Security-Client", "Security-Verify")
@@ -58,6 +58,37 @@ def test_unprotected_register_is_saved_pending_and_relayed_without_sec_agree(pcs
     assert h["max-forwards"] == ["69"]
     c = contact(pcscf)
     assert (c.aor, c.state, c.tunnel) == (AOR, "pending", None)
+
+
+@pytest.mark.parametrize("kind", ["unprotected REGISTER", "protected REGISTER", "from the core"])
+def test_a_retransmission_whose_transaction_exists_is_left_to_tm(pcscf, kind):
+    """Another worker created the transaction while this copy waited: TM resends the last
+    reply (t_newtran answers 0); the script relays nothing, saves nothing, answers nothing."""
+    if kind == "unprotected REGISTER":
+        raw, kw = register(), {}
+    elif kind == "protected REGISTER":
+        server = pcscf.registered()
+        raw = register(security_verify=server, via=f"{UE}:{PORT_UC}", cseq=5)
+        kw = dict(source=(UE, PORT_UC, "udp"), local=(PCSCF, int(server_param(server, "port-s"))))
+    else:
+        pcscf.registered()
+        raw, kw = request("MESSAGE", f"sip:alice@{UE}:5060", via=f"{CORE}:5060"), dict(
+            source=(CORE, 5060, "udp"))
+    before = pcscf.module.store.find_by_aor(AOR)
+    rec = pcscf.request(raw, retransmission=True, **kw)
+    assert rec.relays == [] and rec.replies == []
+    assert pcscf.module.store.find_by_aor(AOR) == before
+
+
+def test_register_is_saved_only_once_its_transaction_exists(pcscf, mocker):
+    """The slow work (the store) comes after t_newtran: a copy arriving meanwhile finds it."""
+    order = []
+    mocker.patch.object(KSR.tm, "t_newtran", side_effect=lambda: order.append("t_newtran") or 1)
+    save = pcscf.module.save_pending
+    mocker.patch.object(pcscf.module, "save_pending",
+                        side_effect=lambda *a: order.append("save_pending") or save(*a))
+    pcscf.request(register())
+    assert order == ["t_newtran", "save_pending"]
 
 
 def test_other_require_tags_survive_the_strip(pcscf):
@@ -112,9 +143,13 @@ def test_protected_register_with_matching_verify_is_relayed_and_answered_through
 
 @pytest.mark.parametrize("verify", [None, "ipsec-3gpp;spi-c=1;spi-s=2", "digest"])
 def test_protected_register_with_wrong_or_missing_verify_gets_403(pcscf, verify):
+    """Answered through the transaction (its retransmissions get the 403 again), which
+    sends it through the SAs like any reply: port_pc -> port_us."""
     server = pcscf.registered()
     _, rec = protected_register(pcscf, server, verify, cseq=5)
-    assert [r.code for r in rec.replies] == [403] and rec.relays == []
+    assert [(r.code, r.stateful) for r in rec.replies] == [(403, True)] and rec.relays == []
+    t = KSR._rec.transaction
+    assert (t.reply_socket, t.reply_target) == (f"udp:{PCSCF}:5100", f"udp:{UE}:{PORT_US}")
 
 
 def test_200_ok_registers_and_carries_sec_agree(pcscf):
@@ -302,3 +337,49 @@ def test_callbacks_route_a_register_and_the_timer_sweeps(script):
     assert KSR._rec.values("Security-Server") and len(kernel.sas) == 4
     assert app.ksr_ipsec_sweep(None, "ipsec_sweep") == 1
     assert app.ksr_reply_route(None) == 1
+
+
+# -- the binding follows the phone ----------------------------------------------------------------
+
+def _rekey(p, old: str, *, port_uc: int, port_us: int, proto: str = "udp") -> str:
+    """33.203 7.4 with new ports: a REGISTER with a new Security-Client through the old SAs,
+    401, then the REGISTER through the new SAs whose Contact names the new server port."""
+    offer = (OFFER.replace(f"port-c={PORT_UC}", f"port-c={port_uc}")
+             .replace(f"port-s={PORT_US}", f"port-s={port_us}")
+             .replace("spi-c=1111", "spi-c=5555").replace("spi-s=2222", "spi-s=6666"))
+    contact = f"sip:alice@{UE}:{port_us}" + (f";transport={proto}" if proto != "udp" else "")
+    rereg = register(security_client=offer, security_verify=old, via=f"{UE}:{PORT_UC}",
+                     contact=contact, cseq=3)
+    rec = p.request(rereg, source=(UE, PORT_UC, "udp"), local=(PCSCF, int(server_param(old, "port-s"))))
+    rec = p.register_reply(rec.relays[0], reply_to(rereg, 401, "Unauthorized", (
+        "WWW-Authenticate: " + challenge(ck=IK, ik=CK),)))
+    (new,) = rec.values("Security-Server")
+    final = register(security_client=offer, security_verify=new, via=f"{UE}:{port_uc}",
+                     contact=contact, proto=proto.upper(), cseq=4)
+    rec = p.request(final, source=(UE, port_uc, proto), local=(PCSCF, int(server_param(new, "port-s"))))
+    p.register_reply(rec.relays[0], reply_to(final, 200, "OK", (f"Contact: <{contact}>;expires=600",)))
+    return new
+
+
+def test_mt_requests_follow_the_contact_of_a_rekey_with_new_ports(pcscf):
+    """Before: only an unprotected REGISTER saved a Contact, so the new one was unknown: 480."""
+    new = _rekey(pcscf, pcscf.registered(), port_uc=32000, port_us=32001)
+    rec = pcscf.request(request("MESSAGE", f"sip:alice@{UE}:32001", via=f"{CORE}:5060"),
+                        source=(CORE, 5060, "udp"))
+    (relay,) = rec.relays
+    assert relay.dst_uri == f"sip:{UE}:32001"
+    assert relay.send_socket == f"udp:{PCSCF}:{server_param(new, 'port-c')}"
+    assert contact(pcscf).uri == f"sip:alice@{UE}:32001"
+
+
+def test_mt_requests_use_the_transport_the_phone_registered_with(pcscf):
+    """First REGISTER over UDP, then TCP on its protected ports with ;transport=tcp: MT requests
+    go over TCP (before: over UDP, the first REGISTER's protocol)."""
+    new = _rekey(pcscf, pcscf.registered(), port_uc=32000, port_us=32001, proto="tcp")
+    rec = pcscf.request(request("INVITE", f"sip:alice@{UE}:32001;transport=tcp", via=f"{CORE}:5060"),
+                        source=(CORE, 5060, "udp"))
+    (relay,) = rec.relays
+    assert relay.dst_uri == f"sip:{UE}:32001;transport=tcp"
+    assert relay.send_socket == f"tcp:{PCSCF}:{server_param(new, 'port-c')}"
+    ((phone_side, _),) = relay.record_route
+    assert phone_side.endswith(";transport=tcp")

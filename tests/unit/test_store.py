@@ -59,7 +59,7 @@ def test_files_are_private_even_with_a_permissive_umask(tmp_path):
         s = make(tmp_path / "ipsec.db")
         s.lease()
         names = sorted(p.name for p in tmp_path.iterdir())
-        assert names == ["ipsec.db", "ipsec.db-shm", "ipsec.db-wal"]
+        assert names == ["ipsec.db", "ipsec.db-shm", "ipsec.db-wal", "ipsec.db.lock"]
         for p in tmp_path.iterdir():
             assert p.stat().st_mode & 0o777 == 0o600, p
         s.close()
@@ -70,7 +70,7 @@ def test_files_are_private_even_with_a_permissive_umask(tmp_path):
 def test_schema_has_a_version_and_wal(store):
     store.lease()
     db = sqlite3.connect(store.path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (2,)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (3,)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     db.close()
 
@@ -85,6 +85,28 @@ def test_a_file_of_another_schema_version_is_refused(tmp_path):
     db.close()
     with pytest.raises(SchemaMismatch):
         make(tmp_path / "ipsec.db").lease()
+
+
+def test_a_version_2_file_is_upgraded_in_place_keeping_its_phones(tmp_path):
+    """A P-CSCF upgraded under running phones keeps them: v2 had no tunnel transaction key
+    and no contact transport (requests followed the REGISTER's protocol)."""
+    s = make(tmp_path / "ipsec.db")
+    registered_with_tunnel(s)
+    c = pending(s, aor="sip:bob@ims.example", host="10.0.0.5", proto="tcp")
+    s.close()
+    db = sqlite3.connect(tmp_path / "ipsec.db")
+    for statement in ("ALTER TABLE tunnels DROP COLUMN txn",
+                      "ALTER TABLE contacts DROP COLUMN transport",
+                      "UPDATE meta SET value = 2 WHERE key = 'schema_version'"):
+        db.execute(statement)
+    db.commit()
+    db.close()
+    s = make(tmp_path / "ipsec.db")
+    assert s.get_contact(c.id).transport == "tcp"
+    (alice,) = s.find_by_aor("sip:alice@ims.example")
+    assert alice.state == REGISTERED and alice.tunnel is not None and alice.transport == "udp"
+    assert s._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (3,)
+    s.close()
 
 
 def test_no_ck_or_ik_reaches_the_file(store):

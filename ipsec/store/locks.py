@@ -1,0 +1,86 @@
+"""Per-phone mutual exclusion across Kamailio's worker processes.
+
+Building a phone's tunnel reads the store, changes the kernel, then the store again; two
+workers doing that for one phone at once (two challenges in flight, a challenge and a
+teardown) could each see the other's half-done state and leave kernel entries no row
+describes. So that work holds the lock of the phone's address.
+
+The locks are open-file-description byte-range locks (F_OFD_SETLKW) on one file beside the
+store: a waiter sleeps in the kernel and wakes the moment the holder is done, a dead holder's
+lock goes with its process, and, unlike POSIX record locks, two threads or two opens in one
+process exclude each other too. Addresses are hashed onto a fixed number of bytes (stripes):
+phones sharing a stripe merely wait for each other.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ipsec import forks
+from ipsec.sipuri import normalize_host
+
+STRIPES = 4096
+# struct flock on Linux x86_64/aarch64: short l_type, short l_whence, off_t l_start,
+# off_t l_len, pid_t l_pid (0 for OFD locks), padded to 32 bytes.
+_FLOCK = "@hhqqi4x"
+
+
+WRITER_BYTE = STRIPES  # the store's writer lock, past the phones' stripes
+
+
+class _LockFile:
+    """One descriptor on the lock file per process, opened lazily (after Kamailio's fork)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+        self._gen = -1
+
+    def _file(self) -> int:
+        if self._fd < 0 or self._gen != forks.generation():
+            # an inherited descriptor shares its locks with the parent: never use it
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._gen = forks.generation()
+        return self._fd
+
+    @contextmanager
+    def _held(self, byte: int) -> Iterator[None]:
+        fd = self._file()
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET,
+                                                         byte, 1, 0))
+        try:
+            yield
+        finally:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET,
+                                                            byte, 1, 0))
+
+    def close(self) -> None:
+        """Close this process's descriptor (before the fork, as the store does)."""
+        if self._fd >= 0 and self._gen == forks.generation():
+            os.close(self._fd)
+        self._fd = -1
+
+
+class UeLocks(_LockFile):
+    """Locks by phone address."""
+
+    @staticmethod
+    def stripe(host: str) -> int:
+        digest = hashlib.blake2b(normalize_host(host).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % STRIPES
+
+    def held(self, host: str):
+        """Hold the lock of `host` (waiting for it) for the body of the `with`."""
+        return self._held(self.stripe(host))
+
+
+class WriterLock(_LockFile):
+    """The store's writers take turns here before SQLite's own write lock. Always the
+    innermost lock: nothing else is taken while it is held."""
+
+    def held(self):
+        return self._held(WRITER_BYTE)

@@ -1,0 +1,102 @@
+"""The phases of a load run, in order, and the ESP checks between them.
+
+IPsec (this project's kamailio.cfg): 401 step; the phones' SAs (untimed); protected REGISTER;
+MO MESSAGE; MT MESSAGE; ESP counters; re-registration storm with new keys, SPIs and client
+port (33.203 7.4); ESP counters. Then the relay (tools/load/relay.cfg), same boot, same
+phones, every SA and policy flushed from both namespaces: 401 step and the second REGISTER.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from .engine import Engine, PhaseResult
+from .kamailio import Kamailio
+from .net import Link, esp_counters, flush_xfrm
+from .phone import Phone
+from .report import Report, say
+from .ue_ipsec import UeTunnel
+
+SCSCF_PORT = 6060
+
+# Where each SA of a tunnel shows in the P-CSCF's `ip -s xfrm state`: (destination, SPI).
+SA_KEYS: dict[str, Callable[[UeTunnel], tuple[str, int]]] = {
+    "SA1 (port_uc -> port_ps)": lambda t: (t.pcscf, t.spi_ps),
+    "SA3 (port_pc -> port_us)": lambda t: (t.ue, t.spi_us),
+    "SA4 (port_us -> port_pc)": lambda t: (t.pcscf, t.spi_pc),
+}
+
+
+def sa_keys(t: UeTunnel) -> list[tuple[str, int]]:
+    """(destination, SPI) of all four SAs."""
+    return [(t.pcscf, t.spi_ps), (t.ue, t.spi_uc), (t.ue, t.spi_us), (t.pcscf, t.spi_pc)]
+
+
+def alive(phones: list[Phone]) -> list[Phone]:
+    return [p for p in phones if p.failed is None]
+
+
+def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
+          start: Callable[[Phone], None], in_flight: int, timed: bool = True) -> PhaseResult:
+    result = engine.run_phase(name, phones, start, in_flight, timed)
+    report.add(result)
+    say(report.line(result))
+    return result
+
+
+def ipsec_phases(engine: Engine, link: Link, phones: list[Phone], pcscf: Kamailio,
+                 in_flight: int, report: Report) -> None:
+    took = pcscf.start()
+    engine.watchdog = pcscf.check_alive
+    say(f"P-CSCF (kamailio.cfg) up: {len(pcscf.processes())} processes, {took:.1f} s")
+    first = phase(engine, report, "IPsec 401 step", phones, Phone.start_challenge, in_flight)
+    ready = alive(phones)
+    phase(engine, report, "IPsec phones' SAs (untimed)", ready, Phone.start_install, max(1, len(ready)),
+          timed=False)
+    before = esp_counters(link.pc)
+    second = phase(engine, report, "IPsec protected REGISTER", alive(phones),
+                   Phone.start_authenticate, in_flight)
+    report.two_step("IPsec", first, second)
+    phase(engine, report, "IPsec MO MESSAGE", alive(phones), Phone.start_mo, in_flight)
+    phase(engine, report, "IPsec MT MESSAGE", alive(phones), Phone.start_mt, in_flight)
+    after = esp_counters(link.pc)
+    report.esp("after REGISTER, MO and MT", after,
+               esp_failures(before, after, alive(phones), list(SA_KEYS)))
+    before = after
+    phase(engine, report, "IPsec re-registration storm", alive(phones), Phone.start_rekey,
+          in_flight)
+    after = esp_counters(link.pc)
+    report.esp("after the re-registration storm (new SAs)", after,
+               esp_failures(before, after, alive(phones), list(SA_KEYS)[:2]))
+    old = [key for p in alive(phones) for key in sa_keys(p.previous)]
+    report.esp_info(f"old SAs of the re-keyed phones still on the P-CSCF right after "
+                            f"the storm: {sum(1 for key in old if key in after)} of {len(old)}")
+    pcscf.stop()
+
+
+def esp_failures(before: dict, after: dict, phones: list[Phone], names: list[str]) -> Counter[str]:
+    """Each phone's named SAs must exist on the P-CSCF and have carried packets since `before`."""
+    out: Counter[str] = Counter()
+    for p in phones:
+        for name in names:
+            key = SA_KEYS[name](p.tunnel)
+            if key not in after:
+                out[f"ESP: the P-CSCF has no {name} of a registered phone"] += 1
+            elif after[key] <= before.get(key, 0):
+                out[f"ESP: {name} carried nothing on the P-CSCF"] += 1
+    return out
+
+
+def relay_phases(engine: Engine, link: Link, phones: list[Phone], relay: Kamailio,
+                 in_flight: int, report: Report) -> None:
+    for p in phones:
+        p.forget_failure()
+    flush_xfrm(link)
+    took = relay.start()
+    engine.watchdog = relay.check_alive
+    say(f"relay (tools/load/relay.cfg) up: {len(relay.processes())} processes, {took:.1f} s")
+    first = phase(engine, report, "relay 401 step", phones, Phone.start_relay_challenge, in_flight)
+    second = phase(engine, report, "relay REGISTER", alive(phones),
+                   Phone.start_relay_authenticate, in_flight)
+    report.two_step("relay", first, second)
+    relay.stop()
