@@ -112,7 +112,7 @@ def show_text(data: dict) -> str:
     out = []
     for c in data["contacts"]:
         text = (f"contact {c['id']}  {c['aor']}\n"
-                f"  uri       {c['uri']}\n"
+                f"  uri       {c['uri']} (requests to it over {c['transport']})\n"
                 f"  received  {addr(c['received'])}   via {addr(c['via'])}\n"
                 f"  state     {c['state']}, expires {when(c['expires'])} "
                 f"({duration(c['expires_in'])})\n")

@@ -174,7 +174,7 @@ def contact_row(c: Contact, now: float, view: KernelView | None, marker: int,
                 detail: bool = False) -> dict:
     """A contact with its tunnel in use and its pending one (each None when absent)."""
     return {
-        "id": c.id, "aor": c.aor, "uri": c.uri,
+        "id": c.id, "aor": c.aor, "uri": c.uri, "transport": c.transport,
         "received": _addr(c.received), "via": _addr(c.via),
         "state": c.state, "expires": c.expires, "expires_in": round(c.expires - now, 3),
         "tunnel": None if c.tunnel is None else tunnel_row(c.tunnel, IN_USE, view, marker, detail),

@@ -24,7 +24,7 @@ POLICY_ROW = {"sa": str, "dir": str, "src": str, "sport": int, "dst": str, "dpor
               "reqid": int, "present": bool, "differences": [str], "index": Opt(int),
               "add_time": Opt(int), "use_time": Opt(int)}
 TUNNEL_DETAIL = {**TUNNEL, "sas": [SA_ROW], "policies": [POLICY_ROW]}
-CONTACT = {"id": int, "aor": str, "uri": str, "received": ADDR, "via": ADDR, "state": str,
+CONTACT = {"id": int, "aor": str, "uri": str, "transport": str, "received": ADDR, "via": ADDR, "state": str,
            "expires": float, "expires_in": float, "tunnel": Opt(TUNNEL), "pending": Opt(TUNNEL)}
 CONTACT_DETAIL = {**CONTACT, "tunnel": Opt(TUNNEL_DETAIL), "pending": Opt(TUNNEL_DETAIL)}
 LIST = {"store": str, "now": float, "contacts": [CONTACT]}

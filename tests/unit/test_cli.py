@@ -184,6 +184,8 @@ def test_list_json_has_the_documented_shape(pcscf, cli):
     assert alice["tunnel"]["kernel"] == {"ok": True, "sas": 4, "policies": 4,
                                          "missing": [], "differs": []}
     assert alice["expires_in"] == pytest.approx(600, abs=1)
+    assert (alice["transport"], alice["received"]) == ("udp", {"host": UE, "port": 5060,
+                                                                "proto": "udp"})
 
 
 def test_list_filters_by_aor_with_or_without_scheme_and_by_ip(pcscf, cli):
