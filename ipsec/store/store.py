@@ -574,6 +574,41 @@ class Store:
     def _set_meta(db: sqlite3.Connection, key: str, value: int) -> None:
         db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
 
+    # == the operator's view (ipsec/cli) =======================================================
+    # Read-only: plain SELECTs outside any transaction, so the command line never holds a lock
+    # a Kamailio worker waits for. Nothing the module calls lives below this line.
+
+    def contacts_matching(self, *, aor: str | None = None,
+                          host: str | None = None) -> list[Contact]:
+        """Contacts, oldest first: all, or those of an AoR (or contact URI), or those whose
+        unprotected address or tunnel (in use or pending) is on `host`."""
+        where, args = ["1"], []
+        if aor is not None:
+            where.append("(c.aor = ? OR c.uri = ?)")
+            args += [aor, aor]
+        if host is not None:
+            where.append("(c.received_host = ? OR t.ue_host = ? OR p.ue_host = ?)")
+            args += [normalize_host(host)] * 3
+        return self._contacts(" AND ".join(where), tuple(args), order="c.id")
+
+    def leases_with_age(self) -> list[tuple[Tunnel | Lease, float]]:
+        """Every lease with the time it was taken: a Tunnel once its phone side is staged,
+        a bare Lease before that. Whether a contact uses it is in `contacts_matching`."""
+        rows = self._query(f"SELECT {_TUNNEL_COLUMNS}, t.leased_at FROM tunnels t ORDER BY t.id")
+        return [(_tunnel_or_lease(row[:-1]), row[-1]) for row in rows]
+
+    def health(self) -> dict[str, object]:
+        """What `ims-ipsec doctor` checks of the file itself (opening it already refused a
+        schema of another version)."""
+        meta = dict(self._query("SELECT key, value FROM meta WHERE key != 'secret'"))
+        return {
+            "schema_version": meta.get("schema_version"),
+            "next_spi": meta.get("next_spi"),
+            "next_port": meta.get("next_port"),
+            "journal_mode": self._query("PRAGMA journal_mode")[0][0],
+            "quick_check": [row[0] for row in self._query("PRAGMA quick_check")],
+        }
+
 
 @contextmanager
 def _sqlite_errors(path: str) -> Iterator[None]:
