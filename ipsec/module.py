@@ -20,7 +20,8 @@ from . import headers, secagree, tunnel as kernel
 from .algorithms import AlgorithmError, EspAlgs
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
-from .store import Contact, Lease, Store, StoreError, Tunnel, UeLocks, UeSide, keep_tunnel
+from .store import (Binding, Contact, Lease, Store, StoreError, Tunnel, UeLocks, UeSide,
+                    keep_tunnel)
 from .xfrm import SA, Xfrm, XfrmError, XfrmExists
 
 # ipsec_create flags
@@ -258,7 +259,7 @@ class Module:
         (the reply leaves through the new ones). `promote=False`: the caller does that."""
         contact = self.tunnel_contact(req)
         if contact is None and not self._on_protected_port(req.local()):
-            contact = self.store.find_by_received(req.source())
+            contact = self.store.find_binding(headers.aor(req.first_header("To")), req.source())
         if contact is None:
             raise Refused(f"no contact for the REGISTER from {req.source()}")
         if promote and _through_pending(contact):
@@ -278,11 +279,18 @@ class Module:
     @kemi_function
     def ipsec_create(self, msg: Message, domain: str, flags: int = 0) -> int:
         """The 401 to a REGISTER: choose the phone's offer, install its SAs (or keep them),
-        add Security-Server, and take CK/IK out of the challenge before it leaves."""
+        add Security-Server, and take CK/IK out of the challenge before it leaves.
+
+        An unprotected REGISTER's contact is saved here, in the transaction that stages its
+        tunnel (save_pending before is not needed): nothing is written for a REGISTER the
+        core does not challenge."""
         if flags & CREATE_DELETE_UNUSED:
             self._remove_unused()
         req = msg.request()
-        contact = self._contact_of_register(req)
+        if self._on_protected_port(req.local()):
+            key: int | Binding = self._contact_of_register(req).id
+        else:
+            key = _binding_of(req)
         client = req.header("Security-Client")
         if not client:
             raise Refused(f"REGISTER from {req.source()} has no Security-Client")
@@ -299,7 +307,7 @@ class Module:
         ue = UeSide(req.source().host, offer.spi_c, offer.spi_s, offer.port_c, offer.port_s)
         digest = self.store.keys_digest(ck, ik)
         with self.locks.held(ue.host):  # one phone's tunnels change in one worker at a time
-            server = self._tunnel_for_challenge(contact.id, ue, offer, ck, ik, digest, client,
+            server = self._tunnel_for_challenge(key, ue, offer, ck, ik, digest, client,
                                                 _transaction_key(req))
         msg.remove_header("WWW-Authenticate")
         msg.append_header("WWW-Authenticate", stripped)
@@ -308,43 +316,47 @@ class Module:
             msg.append_header("Supported", "sec-agree")
         return 1
 
-    def _tunnel_for_challenge(self, contact_id: int, ue: UeSide, offer: secagree.Offer,
+    def _tunnel_for_challenge(self, key: int | Binding, ue: UeSide, offer: secagree.Offer,
                               ck: bytes, ik: bytes, digest: bytes, client: str,
                               txn: bytes) -> str:
         """The Security-Server for this challenge: the tunnel kept, or a new one. Runs under
         the phone's lock, on the contact as it is now (another worker may have changed it)."""
-        contact, clashes = self.store.challenge_state(contact_id, ue)
-        if contact is None:
-            raise Refused(f"contact {contact_id} is gone (swept or de-registered meanwhile)")
-        staged = contact.pending
+        contact, clashes = self.store.challenge_state(key, ue)
+        if contact is None and isinstance(key, int):
+            raise Refused(f"contact {key} is gone (swept or de-registered meanwhile)")
+        staged = contact.pending if contact is not None else None
         if staged is not None and staged.txn == txn:
             # A second 401 to the same REGISTER (the core answered TM's retransmission): TM
             # relays only the first, whose Security-Server the phone acts on; keep its SAs.
             if keep_tunnel(staged, ue, digest, True):
                 return staged.security_server
-            raise Refused(f"contact {contact_id}: a second challenge to one REGISTER with other "
+            raise Refused(f"contact {contact.id}: a second challenge to one REGISTER with other "
                           "keys or offer; the tunnel of the first stays")
         if staged is not None and _older_register(txn, staged.txn):
             # The phone has moved on to a newer REGISTER, already challenged: this 401 is for
             # a transaction it abandoned, and must not replace the SAs the newer one offers.
-            raise Refused(f"contact {contact_id}: challenge to an earlier REGISTER than the one "
+            raise Refused(f"contact {contact.id}: challenge to an earlier REGISTER than the one "
                           "already challenged; ignored")
         reuse = bool(self.params.ipsec_reuse_server_port)
-        kept = next((t for t in (contact.tunnel, staged) if keep_tunnel(t, ue, digest, reuse)),
-                    None)
+        kept = None if contact is None else next(
+            (t for t in (contact.tunnel, staged) if keep_tunnel(t, ue, digest, reuse)), None)
         if kept is not None:
+            if isinstance(key, Binding):
+                self.store.save_pending(key.aor, key.uri, key.via, key.received)
             self._info(f"contact {contact.id}: keeping tunnel spi-c={kept.lease.spi_pc}")
             return kept.security_server
         self._clear_phone_spis(contact, clashes)
-        return self._new_tunnel(contact, ue, offer, ck, ik, digest, client, txn).security_server
+        return self._new_tunnel(key, ue, offer, ck, ik, digest, client, txn).security_server
 
-    def _clear_phone_spis(self, contact: Contact, clashes: list[tuple[Tunnel, bool]]) -> None:
+    def _clear_phone_spis(self, contact: Contact | None,
+                          clashes: list[tuple[Tunnel, bool]]) -> None:
         """The kernel holds one SA per (phone address, SPI): a pending tunnel of this contact
         with the SPIs offered again (a new REGISTER with the same Security-Client: the phone
         gave up on the last challenge) is removed first. One in use, or another contact's,
         is not ours to remove: refused."""
+        pending = contact.pending if contact is not None else None
         for t, in_use in clashes:
-            if in_use or contact.pending is None or t.lease != contact.pending.lease:
+            if in_use or pending is None or t.lease != pending.lease:
                 raise Refused(f"the phone's SAs clash with those of tunnel spi-c={t.lease.spi_pc} "
                               f"{'in use' if in_use else 'of another contact'} (it must offer new "
                               "SPIs, 33.203 7.4)")
@@ -352,12 +364,12 @@ class Module:
             self._info(f"contact {contact.id}: pending tunnel spi-c={t.lease.spi_pc} replaced "
                        "(its SPIs offered again)")
 
-    def _new_tunnel(self, contact: Contact, ue: UeSide, offer: secagree.Offer, ck: bytes,
+    def _new_tunnel(self, key: int | Binding, ue: UeSide, offer: secagree.Offer, ck: bytes,
                     ik: bytes, digest: bytes, client: str, txn: bytes) -> Tunnel:
-        """Lease and stage in the store (one transaction), then install (all or nothing); an
-        SPI the kernel already has is skipped. The tunnel is staged as the contact's pending
-        one BEFORE its SAs go in, so the store always knows what the kernel may hold,
-        whatever happens to this worker."""
+        """Lease and stage in the store (one transaction, with the contact of an unprotected
+        REGISTER), then install (all or nothing); an SPI the kernel already has is skipped.
+        The tunnel is staged as the contact's pending one BEFORE its SAs go in, so the store
+        always knows what the kernel may hold, whatever happens to this worker."""
         pcscf = self._pcscf_host(ue.host)
 
         def build(lease: Lease) -> Tunnel:
@@ -367,7 +379,7 @@ class Module:
 
         avoid: set[int] = set()
         for _ in range(DUPLICATE_RETRIES):
-            record, replaced = self.store.lease_and_stage(contact.id, ue.host, avoid, build)
+            record, replaced, contact_id = self.store.lease_and_stage(key, ue.host, avoid, build)
             lease = record.lease
             try:
                 kernel.install(self.xfrm, self._kernel_tunnel(pcscf, ue, lease, offer.alg,
@@ -385,7 +397,7 @@ class Module:
                 raise
             if replaced is not None:  # a challenge repeated before the phone used the last
                 self._remove_tunnels([replaced])
-            self._info(f"contact {contact.id}: tunnel {ue.host} spi-c={lease.spi_pc} "
+            self._info(f"contact {contact_id}: tunnel {ue.host} spi-c={lease.spi_pc} "
                        f"spi-s={lease.spi_ps} port-c={lease.port_pc} port-s={lease.port_ps} "
                        f"alg={offer.alg} ealg={offer.ealg}")
             return record
@@ -625,6 +637,15 @@ def _flow(direction: object, sel: object) -> tuple:
 def _ours(what: object, lease: Lease) -> bool:
     """Is a duplicate the kernel reported one of OUR SPIs (another lease may help)?"""
     return isinstance(what, SA) and what.spi in (lease.spi_pc, lease.spi_ps)
+
+
+def _binding_of(req: RequestView) -> Binding:
+    """What an unprotected REGISTER says of its contact (pcscf_save_pending's input)."""
+    found = headers.contacts(req.header("Contact"))
+    if not found or found[0][0] == "*":
+        raise Refused("REGISTER without a contact to protect")
+    return Binding(headers.aor(req.first_header("To")), found[0][0],
+                   headers.top_via(req.header("Via")), req.source())
 
 
 def _through_pending(contact: Contact) -> bool:

@@ -84,9 +84,10 @@ class Routing:
             KSR.hdr.append_to_reply("Require: sec-agree\r\n")
             KSR.sl.send_reply(421, "Extension Required")
             return 1
-        if self.m.save_pending(msg, self.domain) < 0:
+        if not msg.header("Contact"):
             KSR.sl.send_reply(400, "Bad Request - Contact")
             return 1
+        # nothing is written before the core challenges: ipsec_create saves the contact
         return self._relay_register(msg)
 
     def _from_phone(self, msg, method: str) -> int:

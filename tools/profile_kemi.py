@@ -26,6 +26,7 @@ _profiling = True
 _calls = 0
 _busy = 0.0
 _cpu = 0.0
+_by_callback: dict = {}  # name -> [calls, seconds]
 
 
 def _out_dir() -> str:
@@ -42,6 +43,8 @@ def _dump() -> None:
     _profile.dump_stats(path + ".tmp")
     with open(path + ".busy", "w") as f:
         f.write("%d %.6f %.6f\n" % (_calls, _busy, _cpu))
+        for name, (calls, took) in sorted(_by_callback.items()):
+            f.write("%s %d %.6f\n" % (name, calls, took))
     os.rename(path + ".tmp", path)
 
 
@@ -56,8 +59,12 @@ def _profiled(name, callback):
         finally:
             if _profiling:
                 _profile.disable()
-            _busy += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            _busy += took
             _cpu += time.process_time() - c0
+            entry = _by_callback.setdefault(name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += took
             _calls += 1
             if _calls % DUMP_EVERY == 0 or name == "ksr_ipsec_sweep":
                 _dump()

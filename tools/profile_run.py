@@ -69,7 +69,7 @@ def main(n: int, plain: bool, times_only: bool) -> None:
 def _busy(out: Path) -> dict[str, tuple[int, float, float]]:
     got = {}
     for path in glob.glob(str(out / "*.busy")):
-        calls, busy, cpu = open(path).read().split()
+        calls, busy, cpu = open(path).readline().split()
         got[path] = (int(calls), float(busy), float(cpu))
     return got
 

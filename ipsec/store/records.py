@@ -86,6 +86,17 @@ class Tunnel:
 
 
 @dataclass(frozen=True)
+class Binding:
+    """What an unprotected REGISTER says of its contact: the AoR (To), the Contact URI, its
+    top Via and where it came from. (aor, received) identifies the contact."""
+
+    aor: str
+    uri: str
+    via: Address
+    received: Address
+
+
+@dataclass(frozen=True)
 class Contact:
     """A phone's registration as ims_usrloc_pcscf would hold it for this module.
 

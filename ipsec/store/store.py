@@ -20,8 +20,9 @@ from ipsec.sipuri import (TRANSPORTS, Address, SipUri, alias_target, normalize_h
 from ipsec import forks
 from ipsec.store import schema
 from ipsec.store.locks import WriterLock
-from ipsec.store.records import (PENDING, REGISTERED, Contact, Lease, NotLeased, PhoneSpiInUse,
-                                 SpiExhausted, StoreError, Tunnel, UeSide, UnknownContact)
+from ipsec.store.records import (PENDING, REGISTERED, Binding, Contact, Lease, NotLeased,
+                                 PhoneSpiInUse, SpiExhausted, StoreError, Tunnel, UeSide,
+                                 UnknownContact)
 
 # Connections inherited across a fork are kept referenced, never closed or used: closing one
 # in the child could disturb the parent's locks and WAL (SQLite forbids using it there).
@@ -162,8 +163,10 @@ class Store:
 
     def _lease(self, db: sqlite3.Connection, ue_host: str | None, avoid: Iterable[int]) -> Lease:
         host = normalize_host(ue_host) if ue_host else None
-        spi_pc = self._free_pair(db, self._meta(db, "next_spi"), frozenset(avoid))
-        index = self._port_index(db, host)
+        cursors = dict(db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('next_spi', 'next_port')").fetchall())
+        spi_pc = self._free_pair(db, cursors["next_spi"], frozenset(avoid))
+        index = self._port_index(db, host, cursors["next_port"])
         lease = Lease(spi_pc, spi_pc + 1, self.client_port + index, self.server_port + index)
         tunnel_id = db.execute(
             "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, lease_host,"
@@ -172,15 +175,20 @@ class Store:
              time.time())).lastrowid
         db.executemany("INSERT INTO spis (spi, tunnel_id) VALUES (?, ?)",
                        [(lease.spi_pc, tunnel_id), (lease.spi_ps, tunnel_id)])
-        self._set_meta(db, "next_spi", self._next_pair(spi_pc))
-        self._set_meta(db, "next_port", (index + 1) % self.max_connections)
+        db.execute("UPDATE meta SET value = CASE key WHEN 'next_spi' THEN ? ELSE ? END"
+                   " WHERE key IN ('next_spi', 'next_port')",
+                   (self._next_pair(spi_pc), (index + 1) % self.max_connections))
         return lease
 
     def _free_pair(self, db: sqlite3.Connection, cursor: int, avoid: frozenset[int]) -> int:
-        """First free pair from the cursor on, wrapping once around the range."""
+        """First free pair from the cursor on, wrapping once around the range. The pair at
+        the cursor is nearly always free (leases rotate through the range): one look-up."""
         if not self.spi_start <= cursor <= self.spi_last_pair:
             cursor = self.spi_start
         cursor -= (cursor - self.spi_start) % 2
+        if not avoid & {cursor, cursor + 1} and db.execute(
+                "SELECT 1 FROM spis WHERE spi IN (?, ?)", (cursor, cursor + 1)).fetchone() is None:
+            return cursor
         for low, high in ((cursor, self.spi_last_pair), (self.spi_start, cursor - 2)):
             for first in range(low, high + 1, _SCAN_WINDOW):
                 last = min(first + _SCAN_WINDOW - 2, high)
@@ -195,8 +203,8 @@ class Store:
     def _next_pair(self, spi_pc: int) -> int:
         return spi_pc + 2 if spi_pc < self.spi_last_pair else self.spi_start
 
-    def _port_index(self, db: sqlite3.Connection, host: str | None) -> int:
-        start = self._meta(db, "next_port") % self.max_connections
+    def _port_index(self, db: sqlite3.Connection, host: str | None, cursor: int) -> int:
+        start = cursor % self.max_connections
         busy: set[int] = set()
         if host is not None and self.max_connections > 1:
             busy = {row[0] for row in db.execute(
@@ -274,42 +282,54 @@ class Store:
         came from, or one of its tunnel's phone ports on that host, which is where a
         re-REGISTER comes from. A registered contact stays registered until its own expiry.
         """
-        parsed = parse_uri(uri)
-        target = uri_target(parsed)
-        transport = _transport(parsed, received)
-        via, received = _address(via), _address(received)
         with self._tx() as db:
-            found = db.execute(
-                "SELECT c.id, c.state FROM contacts c LEFT JOIN tunnels t"
-                " ON t.id IN (c.tunnel_id, c.pending_tunnel_id)"
-                " WHERE c.aor = ? AND ((c.received_host = ? AND c.received_port = ?"
-                " AND c.received_proto = ?) OR (t.ue_host = ? AND ? IN (t.port_uc, t.port_us)))"
-                " ORDER BY c.id DESC LIMIT 1",
-                (aor, received.host, received.port, received.proto, received.host,
-                 received.port)).fetchone()
-            pending_until = time.time() + self.pending_lifetime
-            if found is None:
-                contact_id = db.execute(
-                    "INSERT INTO contacts (aor, uri, contact_host, contact_port, via_host,"
-                    " via_port, via_proto, received_host, received_port, received_proto, state,"
-                    " expires, transport) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (aor, uri, target.host, target.port, via.host, via.port, via.proto,
-                     received.host, received.port, received.proto, PENDING,
-                     pending_until, transport)).lastrowid
-            else:
-                contact_id = found[0]
-                # a registration that has already ended (a de-registration whose teardown
-                # is still due) starts over as pending instead of being swept away
-                now = time.time()
-                db.execute(
-                    "UPDATE contacts SET uri = ?, contact_host = ?, contact_port = ?, via_host = ?,"
-                    " via_port = ?, via_proto = ?, transport = ?,"
-                    " state = CASE WHEN expires <= ? THEN ? ELSE state END,"
-                    " expires = CASE WHEN state = ? OR expires <= ? THEN ? ELSE expires END"
-                    " WHERE id = ?",
-                    (uri, target.host, target.port, via.host, via.port, via.proto, transport,
-                     now, PENDING, PENDING, now, pending_until, contact_id))
-            return self._get(db, contact_id)
+            return self._get(db, self._save_binding(db, Binding(aor, uri, via, received)))
+
+    def find_binding(self, aor: str, received: Address) -> Contact | None:
+        """The contact `save_pending(aor, ..., received)` would refresh, if there is one."""
+        with self._read() as db:
+            found = self._binding_id(db, aor, _address(received))
+            return self._get(db, found) if found is not None else None
+
+    @staticmethod
+    def _binding_id(db: sqlite3.Connection, aor: str, received: Address) -> int | None:
+        found = db.execute(
+            "SELECT c.id FROM contacts c LEFT JOIN tunnels t"
+            " ON t.id IN (c.tunnel_id, c.pending_tunnel_id)"
+            " WHERE c.aor = ? AND ((c.received_host = ? AND c.received_port = ?"
+            " AND c.received_proto = ?) OR (t.ue_host = ? AND ? IN (t.port_uc, t.port_us)))"
+            " ORDER BY c.id DESC LIMIT 1",
+            (aor, received.host, received.port, received.proto, received.host,
+             received.port)).fetchone()
+        return found[0] if found is not None else None
+
+    def _save_binding(self, db: sqlite3.Connection, b: Binding) -> int:
+        parsed = parse_uri(b.uri)
+        target = uri_target(parsed)
+        transport = _transport(parsed, b.received)
+        via, received = _address(b.via), _address(b.received)
+        contact_id = self._binding_id(db, b.aor, received)
+        pending_until = time.time() + self.pending_lifetime
+        if contact_id is None:
+            return db.execute(
+                "INSERT INTO contacts (aor, uri, contact_host, contact_port, via_host,"
+                " via_port, via_proto, received_host, received_port, received_proto, state,"
+                " expires, transport) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (b.aor, b.uri, target.host, target.port, via.host, via.port, via.proto,
+                 received.host, received.port, received.proto, PENDING,
+                 pending_until, transport)).lastrowid
+        # a registration that has already ended (a de-registration whose teardown is still
+        # due) starts over as pending instead of being swept away
+        now = time.time()
+        db.execute(
+            "UPDATE contacts SET uri = ?, contact_host = ?, contact_port = ?, via_host = ?,"
+            " via_port = ?, via_proto = ?, transport = ?,"
+            " state = CASE WHEN expires <= ? THEN ? ELSE state END,"
+            " expires = CASE WHEN state = ? OR expires <= ? THEN ? ELSE expires END"
+            " WHERE id = ?",
+            (b.uri, target.host, target.port, via.host, via.port, via.proto, transport,
+             now, PENDING, PENDING, now, pending_until, contact_id))
+        return contact_id
 
     def set_registered(self, contact_id: int, expires: float, *, uri: str | None = None,
                        received: Address | None = None) -> Contact:
@@ -355,13 +375,16 @@ class Store:
         with self._tx() as db:
             return self._stage(db, contact_id, tunnel)
 
-    def lease_and_stage(self, contact_id: int, ue_host: str, avoid: Iterable[int],
-                        build: Callable[[Lease], Tunnel]) -> tuple[Tunnel, Tunnel | None]:
+    def lease_and_stage(self, contact: int | Binding, ue_host: str, avoid: Iterable[int],
+                        build: Callable[[Lease], Tunnel]) -> tuple[Tunnel, Tunnel | None, int]:
         """`lease` and `stage_tunnel` in one transaction: the tunnel `build` makes of the
-        new lease. Returns it and the pending tunnel it replaces (still leased)."""
+        new lease, for a contact (its id, or the binding of an unprotected REGISTER, saved
+        as `save_pending` does in the same transaction). Returns the tunnel, the pending
+        tunnel it replaces (still leased) and the contact's id."""
         with self._tx() as db:
+            contact_id = contact if isinstance(contact, int) else self._save_binding(db, contact)
             tunnel = build(self._lease(db, ue_host, avoid))
-            return tunnel, self._stage(db, contact_id, tunnel)
+            return tunnel, self._stage(db, contact_id, tunnel), contact_id
 
     def _stage(self, db: sqlite3.Connection, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
         ue = tunnel.ue
@@ -373,9 +396,14 @@ class Store:
             raise PhoneSpiInUse(f"{ue.host} SPIs {ue.spi_uc}/{ue.spi_us} are those of the "
                                 f"tunnel on spi-c={clash[0]}")
         row = self._write_phone_side(db, tunnel)
-        old = self._get(db, contact_id).pending
-        db.execute("UPDATE contacts SET pending_tunnel_id = ? WHERE id = ?", (row, contact_id))
-        return old if old is not None and old.lease != tunnel.lease else None
+        old = db.execute(f"SELECT {_TUNNEL_COLUMNS} FROM contacts c JOIN tunnels t"
+                         " ON t.id = c.pending_tunnel_id WHERE c.id = ?", (contact_id,)).fetchone()
+        if db.execute("UPDATE contacts SET pending_tunnel_id = ? WHERE id = ?",
+                      (row, contact_id)).rowcount == 0:
+            raise UnknownContact(f"contact {contact_id}")
+        if old is None or old[0] == tunnel.lease.spi_pc:
+            return None
+        return _tunnel(old) if old[4] is not None else None
 
     def promote(self, contact_id: int) -> Tunnel | None:
         """A REGISTER came through the pending tunnel: it becomes the one in use.
@@ -394,28 +422,31 @@ class Store:
         return c.tunnel if c.tunnel is not None and c.tunnel.lease != c.pending.lease else None
 
     def _write_phone_side(self, db: sqlite3.Connection, tunnel: Tunnel) -> int:
-        lease = tunnel.lease
-        row = db.execute("SELECT id, spi_ps, port_pc, port_ps FROM tunnels WHERE spi_pc = ?",
-                         (lease.spi_pc,)).fetchone()
-        if row is None or tuple(row[1:]) != (lease.spi_ps, lease.port_pc, lease.port_ps):
-            raise NotLeased(f"{lease} is not leased")
-        ue = tunnel.ue
-        db.execute(
+        lease, ue = tunnel.lease, tunnel.ue
+        row = db.execute(
             "UPDATE tunnels SET lease_host = ?, ue_host = ?, spi_uc = ?, spi_us = ?,"
             " port_uc = ?, port_us = ?, alg = ?, ealg = ?, pcscf_host = ?, keys_digest = ?,"
-            " offer = ?, security_server = ?, txn = ? WHERE id = ?",
+            " offer = ?, security_server = ?, txn = ?"
+            " WHERE spi_pc = ? AND spi_ps = ? AND port_pc = ? AND port_ps = ? RETURNING id",
             (ue.host, ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, tunnel.alg,
-             tunnel.ealg, tunnel.pcscf_host, tunnel.keys_digest,
-             tunnel.offer, tunnel.security_server, tunnel.txn, row[0]))
-        return row[0]
+             tunnel.ealg, tunnel.pcscf_host, tunnel.keys_digest, tunnel.offer,
+             tunnel.security_server, tunnel.txn, lease.spi_pc, lease.spi_ps, lease.port_pc,
+             lease.port_ps)).fetchall()  # to the end: a RETURNING statement must finish
+        if not row:
+            raise NotLeased(f"{lease} is not leased")
+        return row[0][0]
 
-    def challenge_state(self, contact_id: int, ue: UeSide
+    def challenge_state(self, contact: int | Binding, ue: UeSide
                         ) -> tuple[Contact | None, list[tuple[Tunnel, bool]]]:
-        """What ipsec_create decides on, read in one snapshot: the contact as it is now, and
-        the tunnels whose SAs to this phone use one of its SPIs (only one of them can be in
-        the kernel), each with whether some contact uses it (True) or only has it pending."""
+        """What ipsec_create decides on, read in one snapshot: the contact as it is now (by
+        id, or the one a binding would refresh), and the tunnels whose SAs to this phone use
+        one of its SPIs (only one of them can be in the kernel), each with whether some
+        contact uses it (True) or only has it pending."""
         with self._read() as db:
-            row = db.execute(f"{_CONTACT_SELECT} WHERE c.id = ?", (contact_id,)).fetchone()
+            contact_id = contact if isinstance(contact, int) else self._binding_id(
+                db, contact.aor, _address(contact.received))
+            row = None if contact_id is None else db.execute(
+                f"{_CONTACT_SELECT} WHERE c.id = ?", (contact_id,)).fetchone()
             clashes = db.execute(
                 f"SELECT {_TUNNEL_COLUMNS}, EXISTS (SELECT 1 FROM contacts c"
                 " WHERE c.tunnel_id = t.id) FROM tunnels t WHERE t.ue_host = ?"
@@ -565,14 +596,6 @@ class Store:
         if row is None:
             raise UnknownContact(f"contact {contact_id}")
         return _contact(row)
-
-    @staticmethod
-    def _meta(db: sqlite3.Connection, key: str) -> int:
-        return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
-
-    @staticmethod
-    def _set_meta(db: sqlite3.Connection, key: str, value: int) -> None:
-        db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
 
     # == the operator's view (ipsec/cli) =======================================================
     # Read-only: plain SELECTs outside any transaction, so the command line never holds a lock

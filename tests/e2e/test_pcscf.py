@@ -27,7 +27,7 @@ def test_retransmissions_during_processing_make_one_transaction(link, scscf, kam
     Before, each copy was relayed, challenged and given SAs, and the 401 the phone used
     named SAs the store had lost."""
     phone = _phone(link, scscf, "impatient")
-    seen, saved_before = len(scscf.seen), kamailio.log().count("pending contact")
+    seen = len(scscf.seen)
     store = sqlite3.connect(kamailio.run_dir / "ipsec-pcscf.sqlite", isolation_level=None)
     store.execute("BEGIN IMMEDIATE")
     try:
@@ -41,8 +41,6 @@ def test_retransmissions_during_processing_make_one_transaction(link, scscf, kam
     time.sleep(1.0)  # whatever else the copies caused has arrived by now
     call = [x for x in scscf.seen[seen:] if x.is_request and x.get("Call-ID") == m.get("Call-ID")]
     assert len(call) == 1, f"{len(call)} REGISTERs reached the core"
-    # the copies were absorbed before the route's work: one pending contact saved, not five
-    assert kamailio.log().count("pending contact") - saved_before == 1
     servers = {x.get("Security-Server") for x in phone.seen if not x.is_request and x.status == 401}
     assert servers == {r401.get("Security-Server")}
     mine = [s for s in pcscf_states(link) if s["dst"] == phone.ip and s["dport"] in

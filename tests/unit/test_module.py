@@ -172,9 +172,18 @@ def test_create_without_flag_0x01_leaves_the_orphaned_tunnel(pcscf):
 
 # -- ipsec_create: failures leave nothing behind ----------------------------------------------
 
-def test_create_without_contact_fails(pcscf):
-    assert create(pcscf, register()) == -1
-    assert "no contact" in "".join(KSR._rec.logs["err"])
+def test_create_saves_the_contact_of_an_unprotected_register_itself(pcscf):
+    """No save_pending before: the contact is written with its tunnel, in one transaction."""
+    assert create(pcscf, register()) == 1
+    c = contact_of(pcscf)
+    assert (c.aor, c.state, c.uri) == (AOR, "pending", f"sip:alice@{UE}:5060")
+    assert c.pending.security_server == KSR._rec.values("Security-Server")[0]
+
+
+def test_create_for_a_register_without_contact_fails(pcscf):
+    raw = register().replace(f"Contact: <sip:alice@{UE}:5060>;expires=600\r\n", "")
+    assert create(pcscf, raw) == -1
+    assert "without a contact" in "".join(KSR._rec.logs["err"])
     assert_nothing_left(pcscf)
     assert KSR._rec.added == [] and KSR._rec.removed == []
 

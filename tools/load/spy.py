@@ -32,7 +32,7 @@ class Spy:
         self.out.mkdir(parents=True, exist_ok=True)
         name = re.sub(r"[^a-z0-9]+", "-", phase.lower()).strip("-")
         self.proc = subprocess.Popen(
-            [self.exe, "record", "--pid", str(pid), "--subprocesses", "--native", "--rate", "100",
+            [self.exe, "record", "--pid", str(pid), "--subprocesses", "--rate", "100",
              "--format", "raw", "--output", str(self.out / f"{name}.txt"), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
