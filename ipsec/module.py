@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from . import headers, secagree, tunnel as kernel
+from . import headers, secagree, tunnel as kernel, warm
 from .algorithms import AlgorithmError, EspAlgs
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
@@ -379,7 +379,7 @@ class Module:
 
         avoid: set[int] = set()
         for _ in range(DUPLICATE_RETRIES):
-            record, replaced, contact_id = self.store.lease_and_stage(key, ue.host, avoid, build)
+            record, replaced, contact_id = self.store.lease_and_stage(key, ue, avoid, build)
             lease = record.lease
             try:
                 kernel.install(self.xfrm, self._kernel_tunnel(pcscf, ue, lease, offer.alg,
@@ -593,13 +593,26 @@ class Module:
         """
         try:
             live = self.store.live_tunnels()
-            if not live:
+            if live:
+                self._reconcile(live)
+            else:
                 flushed = self.xfrm.flush(self.marker)
                 self._info(f"start: no live tunnel; flushed {flushed}")
-                return
-            self._reconcile(live)
+            for refused in warm.warm(self.xfrm, self._families(), self.marker):
+                self.log.warn(f"ims-ipsec: start: the kernel refuses an SA with {refused}\n")
         except (StoreError, XfrmError, OSError) as e:
             raise ModuleError(f"start-up reconciliation failed: {e}") from None
+
+    def _families(self) -> tuple[int, ...]:
+        return tuple(f for f, addr in ((4, self.params.ipsec_listen_addr),
+                                       (6, self.params.ipsec_listen_addr6)) if addr)
+
+    def warm(self) -> None:
+        """In a worker, before its first message: open its store connection, netlink socket
+        and lock descriptor now rather than while a phone waits."""
+        self.store.keys_digest(b"", b"")
+        self.xfrm.open()
+        self.locks.open()
 
     def _reconcile(self, live: list[Tunnel]) -> None:
         states = {(s.dst, s.spi): s for s in self.xfrm.states(user=self.marker)}

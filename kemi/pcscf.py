@@ -72,6 +72,13 @@ class kamailio:
         self.r = routing
 
     def child_init(self, rank):
+        """A SIP worker opens what it will need now, not while its first phone waits."""
+        if rank > 0:
+            try:
+                self.r.m.warm()
+            except Exception as e:  # noqa: BLE001 - it opens again on first use
+                KSR.err("ims-ipsec: worker %d: could not open the store or netlink: %s\n"
+                        % (rank, e))
         return 0
 
     @_guarded(_fail_request)

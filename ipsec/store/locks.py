@@ -40,6 +40,10 @@ class _LockFile:
         self._fd = -1
         self._gen = -1
 
+    def open(self) -> None:
+        """Open this process's descriptor now (it opens on first use otherwise)."""
+        self._file()
+
     def _file(self) -> int:
         if self._fd < 0 or self._gen != forks.generation():
             # an inherited descriptor shares its locks with the parent: never use it

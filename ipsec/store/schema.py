@@ -12,16 +12,17 @@ from collections.abc import Callable
 
 from ipsec.store.records import SchemaMismatch, StoreError
 
-VERSION = 3
+VERSION = 4
 
-# Every SPI we hold appears once in `spis` (its PRIMARY KEY is the database's own proof that
-# no SPI is leased twice, whichever column of `tunnels` holds it). A `tunnels` row is a lease;
-# its phone-side columns stay NULL until a tunnel is staged on it. A contact's `tunnel_id` is
-# the SA set in use; `pending_tunnel_id` one offered in a 401 and not yet confirmed by the
-# phone (33.203 7.4: the old SAs serve until the new ones have carried a REGISTER).
-# A tunnel's `txn` names the REGISTER transaction whose 401 offered it (a second 401 to the
-# same REGISTER must not build another); a contact's `transport` is how requests reach the
-# phone (its Contact's transport parameter, else the protocol its last REGISTER came by).
+# A `tunnels` row is a lease: an SPI pair (spi_pc, spi_ps = spi_pc + 1, unique each) and a
+# port pair; its phone-side columns stay NULL until a tunnel is staged on it. A contact's
+# `tunnel_id` is the SA set in use; `pending_tunnel_id` one offered in a 401 and not yet
+# confirmed by the phone (33.203 7.4: the old SAs serve until the new ones have carried a
+# REGISTER). A tunnel's `txn` names the REGISTER transaction whose 401 offered it (a second
+# 401 to the same REGISTER must not build another); a contact's `transport` is how requests
+# reach the phone (its Contact's transport parameter, else the protocol its last REGISTER
+# came by). Every index costs a page written per change in every Kamailio worker's commit:
+# only those the look-ups need are here.
 DDL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE tunnels (
@@ -31,20 +32,13 @@ CREATE TABLE tunnels (
     port_pc INTEGER NOT NULL,
     port_ps INTEGER NOT NULL,
     port_index INTEGER NOT NULL,
-    lease_host TEXT,
     leased_at REAL NOT NULL,
     ue_host TEXT, spi_uc INTEGER, spi_us INTEGER, port_uc INTEGER, port_us INTEGER,
     alg TEXT, ealg TEXT, pcscf_host TEXT, keys_digest BLOB, offer TEXT, security_server TEXT,
     txn BLOB
 );
-CREATE INDEX tunnels_lease_host ON tunnels (lease_host);
 CREATE INDEX tunnels_ue_uc ON tunnels (ue_host, port_uc);
 CREATE INDEX tunnels_ue_us ON tunnels (ue_host, port_us);
-CREATE TABLE spis (
-    spi INTEGER PRIMARY KEY,
-    tunnel_id INTEGER NOT NULL REFERENCES tunnels (id) ON DELETE CASCADE
-);
-CREATE INDEX spis_tunnel ON spis (tunnel_id);
 CREATE TABLE contacts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     aor TEXT NOT NULL,
@@ -72,6 +66,11 @@ MIGRATIONS = {
     2: ("ALTER TABLE tunnels ADD COLUMN txn BLOB",
         "ALTER TABLE contacts ADD COLUMN transport TEXT NOT NULL DEFAULT 'udp'",
         "UPDATE contacts SET transport = received_proto"),
+    # v3's spis table (the tunnels' two UNIQUE SPI columns say the same) and lease_host (the
+    # phone address is staged with the lease) cost pages on every lease
+    3: ("DROP TABLE spis",
+        "DROP INDEX tunnels_lease_host",
+        "ALTER TABLE tunnels DROP COLUMN lease_host"),
 }
 
 

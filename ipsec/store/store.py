@@ -161,20 +161,18 @@ class Store:
         with self._tx() as db:
             return self._lease(db, ue_host, avoid)
 
-    def _lease(self, db: sqlite3.Connection, ue_host: str | None, avoid: Iterable[int]) -> Lease:
+    def _lease(self, db: sqlite3.Connection, ue_host: str | None, avoid: Iterable[int],
+               ue_ports: tuple[int, ...] = ()) -> Lease:
         host = normalize_host(ue_host) if ue_host else None
         cursors = dict(db.execute(
             "SELECT key, value FROM meta WHERE key IN ('next_spi', 'next_port')").fetchall())
         spi_pc = self._free_pair(db, cursors["next_spi"], frozenset(avoid))
-        index = self._port_index(db, host, cursors["next_port"])
+        index = self._port_index(db, host, cursors["next_port"], ue_ports)
         lease = Lease(spi_pc, spi_pc + 1, self.client_port + index, self.server_port + index)
-        tunnel_id = db.execute(
-            "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, lease_host,"
-            " leased_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, host,
-             time.time())).lastrowid
-        db.executemany("INSERT INTO spis (spi, tunnel_id) VALUES (?, ?)",
-                       [(lease.spi_pc, tunnel_id), (lease.spi_ps, tunnel_id)])
+        db.execute(
+            "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, leased_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, time.time()))
         db.execute("UPDATE meta SET value = CASE key WHEN 'next_spi' THEN ? ELSE ? END"
                    " WHERE key IN ('next_spi', 'next_port')",
                    (self._next_pair(spi_pc), (index + 1) % self.max_connections))
@@ -187,13 +185,17 @@ class Store:
             cursor = self.spi_start
         cursor -= (cursor - self.spi_start) % 2
         if not avoid & {cursor, cursor + 1} and db.execute(
-                "SELECT 1 FROM spis WHERE spi IN (?, ?)", (cursor, cursor + 1)).fetchone() is None:
+                "SELECT 1 FROM tunnels WHERE spi_pc IN (?, ?) OR spi_ps IN (?, ?)",
+                (cursor, cursor + 1) * 2).fetchone() is None:
             return cursor
         for low, high in ((cursor, self.spi_last_pair), (self.spi_start, cursor - 2)):
             for first in range(low, high + 1, _SCAN_WINDOW):
                 last = min(first + _SCAN_WINDOW - 2, high)
+                # both columns: a lease taken under another ipsec_spi_id_start may straddle
                 used = {row[0] for row in db.execute(
-                    "SELECT spi FROM spis WHERE spi BETWEEN ? AND ?", (first, last + 1))}
+                    "SELECT spi_pc FROM tunnels WHERE spi_pc BETWEEN ?1 AND ?2 UNION ALL"
+                    " SELECT spi_ps FROM tunnels WHERE spi_ps BETWEEN ?1 AND ?2",
+                    (first, last + 1))}
                 for spi in range(first, last + 1, 2):
                     if not used & {spi, spi + 1} and not avoid & {spi, spi + 1}:
                         return spi
@@ -203,12 +205,23 @@ class Store:
     def _next_pair(self, spi_pc: int) -> int:
         return spi_pc + 2 if spi_pc < self.spi_last_pair else self.spi_start
 
-    def _port_index(self, db: sqlite3.Connection, host: str | None, cursor: int) -> int:
+    def _port_index(self, db: sqlite3.Connection, host: str | None, cursor: int,
+                    ue_ports: tuple[int, ...]) -> int:
+        """The next port pair in rotation, skipping those of the phone's other tunnels: with
+        `ue_ports` (the phone's ports of the new tunnel) only the tunnels that share one of
+        them, whose selectors would be the same (phones behind one NAT address are many)."""
         start = cursor % self.max_connections
         busy: set[int] = set()
         if host is not None and self.max_connections > 1:
-            busy = {row[0] for row in db.execute(
-                "SELECT port_index FROM tunnels WHERE lease_host = ?", (host,))}
+            if ue_ports:
+                marks = ",".join("?" * len(ue_ports))
+                busy = {row[0] for row in db.execute(
+                    f"SELECT port_index FROM tunnels WHERE ue_host = ? AND port_uc IN ({marks})"
+                    f" UNION SELECT port_index FROM tunnels WHERE ue_host = ?"
+                    f" AND port_us IN ({marks})", (host, *ue_ports) * 2)}
+            else:
+                busy = {row[0] for row in db.execute(
+                    "SELECT port_index FROM tunnels WHERE ue_host = ?", (host,))}
         for step in range(self.max_connections):
             index = (start + step) % self.max_connections
             if index not in busy:
@@ -229,9 +242,10 @@ class Store:
         with self._tx() as db:
             for i in range(0, len(spis), 500):
                 chunk = spis[i:i + 500]
+                marks = ",".join("?" * len(chunk))
                 released += db.execute(
-                    "DELETE FROM tunnels WHERE id IN (SELECT tunnel_id FROM spis WHERE spi IN"
-                    f" ({','.join('?' * len(chunk))}))", chunk).rowcount
+                    f"DELETE FROM tunnels WHERE spi_pc IN ({marks}) OR spi_ps IN ({marks})",
+                    chunk * 2).rowcount
         return released
 
     def live_tunnels(self) -> list[Tunnel]:
@@ -375,7 +389,7 @@ class Store:
         with self._tx() as db:
             return self._stage(db, contact_id, tunnel)
 
-    def lease_and_stage(self, contact: int | Binding, ue_host: str, avoid: Iterable[int],
+    def lease_and_stage(self, contact: int | Binding, ue: UeSide, avoid: Iterable[int],
                         build: Callable[[Lease], Tunnel]) -> tuple[Tunnel, Tunnel | None, int]:
         """`lease` and `stage_tunnel` in one transaction: the tunnel `build` makes of the
         new lease, for a contact (its id, or the binding of an unprotected REGISTER, saved
@@ -383,7 +397,7 @@ class Store:
         tunnel it replaces (still leased) and the contact's id."""
         with self._tx() as db:
             contact_id = contact if isinstance(contact, int) else self._save_binding(db, contact)
-            tunnel = build(self._lease(db, ue_host, avoid))
+            tunnel = build(self._lease(db, ue.host, avoid, (ue.port_uc, ue.port_us)))
             return tunnel, self._stage(db, contact_id, tunnel), contact_id
 
     def _stage(self, db: sqlite3.Connection, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
@@ -424,11 +438,11 @@ class Store:
     def _write_phone_side(self, db: sqlite3.Connection, tunnel: Tunnel) -> int:
         lease, ue = tunnel.lease, tunnel.ue
         row = db.execute(
-            "UPDATE tunnels SET lease_host = ?, ue_host = ?, spi_uc = ?, spi_us = ?,"
+            "UPDATE tunnels SET ue_host = ?, spi_uc = ?, spi_us = ?,"
             " port_uc = ?, port_us = ?, alg = ?, ealg = ?, pcscf_host = ?, keys_digest = ?,"
             " offer = ?, security_server = ?, txn = ?"
             " WHERE spi_pc = ? AND spi_ps = ? AND port_pc = ? AND port_ps = ? RETURNING id",
-            (ue.host, ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, tunnel.alg,
+            (ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, tunnel.alg,
              tunnel.ealg, tunnel.pcscf_host, tunnel.keys_digest, tunnel.offer,
              tunnel.security_server, tunnel.txn, lease.spi_pc, lease.spi_ps, lease.port_pc,
              lease.port_ps)).fetchall()  # to the end: a RETURNING statement must finish
@@ -544,8 +558,8 @@ class Store:
         # one read transaction
         with self._read() as db:
             ids = [row[0] for row in db.execute(
-                "SELECT id FROM tunnels WHERE ue_host = ? AND ? IN (port_uc, port_us)",
-                (host, port))]
+                "SELECT id FROM tunnels WHERE ue_host = ?1 AND port_uc = ?2 UNION ALL"
+                " SELECT id FROM tunnels WHERE ue_host = ?1 AND port_us = ?2", (host, port))]
             if not ids:
                 return None
             marks = ",".join("?" * len(ids))

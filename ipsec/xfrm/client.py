@@ -73,6 +73,10 @@ class Xfrm:
         sock.bind((0, 0))
         return sock
 
+    def open(self) -> None:
+        """Open this process's socket now (it opens on first use otherwise)."""
+        self._socket()
+
     def _socket(self) -> socket.socket:
         gen = forks.generation()
         if self._sock is None or self._gen != gen:

@@ -19,7 +19,7 @@ for _path in (ROOT / "kemi" / "double", ROOT / "tests" / "unit", ROOT):
         sys.path.insert(0, str(_path))
 
 import KSR  # noqa: E402
-from ipsec import tunnel  # noqa: E402
+from ipsec import tunnel, warm  # noqa: E402
 from ipsec.algorithms import esp_algs  # noqa: E402
 from ipsec.store import Lease, UeSide  # noqa: E402
 from ipsec.tunnel import MARKER  # noqa: E402
@@ -179,3 +179,10 @@ def test_startup_keeps_live_tunnels_and_flushes_strays(tmp_path, xfrm):
     p.module.startup()  # no live tunnel left: all of ours flushed, the foreign SA stays
     assert xfrm.states(user=MARKER) == [] and xfrm.policies(user=MARKER) == []
     assert [(s.dst, s.spi) for s in xfrm.states()] == [(PCSCF, 777)]
+
+
+def test_warm_up_at_start_is_accepted_for_every_pair_and_leaves_nothing(xfrm):
+    """The throw-away SAs that load the kernel's ESP and crypto before the first phone: every
+    pair we negotiate is accepted by a kernel with ESP, over IPv4 and IPv6, and none stays."""
+    assert warm.warm(xfrm, (4, 6), MARKER) == []
+    assert xfrm.states() == [] and xfrm.policies() == []

@@ -13,7 +13,7 @@ import pytest
 import KSR
 from ipsec import module as m
 from ipsec import tunnel
-from ipsec.algorithms import esp_algs
+from ipsec.algorithms import VALID_PAIRS, esp_algs
 from ipsec.sipuri import Address
 from ipsec.store import Lease, UeSide, UnknownContact
 from ipsec.tunnel import MARKER
@@ -474,6 +474,29 @@ def test_startup_without_live_tunnels_flushes_all_of_ours(pcscf):
     pcscf.module.startup()
     assert pcscf.kernel.states(user=MARKER) == [] and pcscf.kernel.policies(user=MARKER) == []
     assert list(pcscf.kernel.sas) == [(PCSCF, 777)]
+
+
+def test_startup_loads_every_pair_we_negotiate_then_removes_the_probes(pcscf):
+    """One throw-away SA per valid pair (the kernel loads its ESP and crypto modules then,
+    not while the first phones wait), deleted in the same start-up."""
+    added = []
+    pcscf.kernel.refuse = lambda r: added.append(r.what) if r.type == k.XFRM_MSG_NEWSA else None
+    pcscf.module.startup()
+    assert {(sa.algs.auth, sa.algs.crypt, sa.algs.aead) for sa in added} == {
+        (a.auth, a.crypt, a.aead) for a in (esp_algs(alg, ealg, bytes(16), bytes(16))
+                                           for alg, ealg in VALID_PAIRS)}
+    assert {sa.dst for sa in added} == {"127.0.0.1"}  # no IPv6 listen address here
+    assert pcscf.kernel.sas == {}
+
+
+def test_a_pair_the_kernel_refuses_at_start_is_reported_and_start_goes_on(pcscf):
+    pcscf.kernel.refuse = lambda r: errno.ENOSYS if (
+        r.type == k.XFRM_MSG_NEWSA and r.what.algs.crypt is not None
+        and r.what.algs.crypt.name == "cbc(des3_ede)") else None
+    pcscf.module.startup()
+    warned = "".join(KSR._rec.logs["warn"])
+    assert "des-ede3-cbc" in warned and warned.count("refuses") == 2  # with md5 and sha1
+    assert pcscf.kernel.sas == {}
 
 
 def test_startup_drops_a_live_tunnel_the_kernel_lost(pcscf):

@@ -84,13 +84,13 @@ def test_an_unprotected_register_writes_nothing_before_the_core_challenges_it(pc
     of them) leaves no row; the 401's ipsec_create saves the contact with its tunnel."""
     db = pcscf.module.store._db()
     rows = lambda: [db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # noqa: E731
-                    for t in ("contacts", "tunnels", "spis")]
+                    for t in ("contacts", "tunnels")]
     before = rows()
     (relay,) = pcscf.request(register()).relays
     assert rows() == before
     pcscf.register_reply(relay, reply_to(register(), 401, "Unauthorized",
                                          (f"WWW-Authenticate: {challenge()}",)))
-    assert rows() == [before[0] + 1, before[1] + 1, before[2] + 2]
+    assert rows() == [before[0] + 1, before[1] + 1]
 
 
 def test_other_require_tags_survive_the_strip(pcscf):

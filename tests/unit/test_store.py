@@ -70,7 +70,7 @@ def test_files_are_private_even_with_a_permissive_umask(tmp_path):
 def test_schema_has_a_version_and_wal(store):
     store.lease()
     db = sqlite3.connect(store.path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (3,)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (4,)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     db.close()
 
@@ -87,25 +87,83 @@ def test_a_file_of_another_schema_version_is_refused(tmp_path):
         make(tmp_path / "ipsec.db").lease()
 
 
+# The schema of version 2 as it shipped (ipsec/store/schema.py at that version).
+V2_DDL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE tunnels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    spi_pc INTEGER NOT NULL UNIQUE,
+    spi_ps INTEGER NOT NULL UNIQUE,
+    port_pc INTEGER NOT NULL,
+    port_ps INTEGER NOT NULL,
+    port_index INTEGER NOT NULL,
+    lease_host TEXT,
+    leased_at REAL NOT NULL,
+    ue_host TEXT, spi_uc INTEGER, spi_us INTEGER, port_uc INTEGER, port_us INTEGER,
+    alg TEXT, ealg TEXT, pcscf_host TEXT, keys_digest BLOB, offer TEXT, security_server TEXT
+);
+CREATE INDEX tunnels_lease_host ON tunnels (lease_host);
+CREATE INDEX tunnels_ue_uc ON tunnels (ue_host, port_uc);
+CREATE INDEX tunnels_ue_us ON tunnels (ue_host, port_us);
+CREATE TABLE spis (
+    spi INTEGER PRIMARY KEY,
+    tunnel_id INTEGER NOT NULL REFERENCES tunnels (id) ON DELETE CASCADE
+);
+CREATE INDEX spis_tunnel ON spis (tunnel_id);
+CREATE TABLE contacts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    aor TEXT NOT NULL,
+    uri TEXT NOT NULL,
+    contact_host TEXT NOT NULL, contact_port INTEGER NOT NULL,
+    via_host TEXT NOT NULL, via_port INTEGER NOT NULL, via_proto TEXT NOT NULL,
+    received_host TEXT NOT NULL, received_port INTEGER NOT NULL, received_proto TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'registered')),
+    expires REAL NOT NULL,
+    tunnel_id INTEGER REFERENCES tunnels (id) ON DELETE SET NULL,
+    pending_tunnel_id INTEGER REFERENCES tunnels (id) ON DELETE SET NULL,
+    UNIQUE (aor, received_host, received_port, received_proto)
+);
+CREATE INDEX contacts_received ON contacts (received_host, received_port);
+CREATE INDEX contacts_contact ON contacts (contact_host, contact_port);
+CREATE INDEX contacts_expires ON contacts (expires);
+CREATE INDEX contacts_tunnel ON contacts (tunnel_id);
+CREATE INDEX contacts_pending_tunnel ON contacts (pending_tunnel_id);
+"""
+
+
 def test_a_version_2_file_is_upgraded_in_place_keeping_its_phones(tmp_path):
     """A P-CSCF upgraded under running phones keeps them: v2 had no tunnel transaction key
-    and no contact transport (requests followed the REGISTER's protocol)."""
-    s = make(tmp_path / "ipsec.db")
-    registered_with_tunnel(s)
-    c = pending(s, aor="sip:bob@ims.example", host="10.0.0.5", proto="tcp")
-    s.close()
-    db = sqlite3.connect(tmp_path / "ipsec.db")
-    for statement in ("ALTER TABLE tunnels DROP COLUMN txn",
-                      "ALTER TABLE contacts DROP COLUMN transport",
-                      "UPDATE meta SET value = 2 WHERE key = 'schema_version'"):
-        db.execute(statement)
-    db.commit()
+    and no contact transport (requests followed the REGISTER's protocol), and an spis table
+    and indexes v4 does without."""
+    path = tmp_path / "ipsec.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    for statement in V2_DDL.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [
+        ("schema_version", 2), ("secret", b"s" * 32), ("next_spi", 1002), ("next_port", 1)])
+    db.execute("INSERT INTO tunnels (id, spi_pc, spi_ps, port_pc, port_ps, port_index, lease_host,"
+               " leased_at, ue_host, spi_uc, spi_us, port_uc, port_us, alg, ealg, pcscf_host,"
+               " keys_digest, offer, security_server) VALUES (1, 1000, 1001, 5100, 5200, 0,"
+               " '10.0.0.1', 0, '10.0.0.1', 11, 12, 6100, 6200, 'hmac-sha-1-96', 'aes-cbc',"
+               " '192.0.2.1', x'00', 'offer', 'server')")
+    db.executemany("INSERT INTO spis VALUES (?, 1)", [(1000,), (1001,)])
+    for n, (host, proto, tunnel) in enumerate((("10.0.0.1", "udp", 1), ("10.0.0.5", "tcp", None))):
+        db.execute("INSERT INTO contacts (aor, uri, contact_host, contact_port, via_host, via_port,"
+                   " via_proto, received_host, received_port, received_proto, state, expires,"
+                   " tunnel_id) VALUES (?, ?, ?, 5060, ?, 5060, ?, ?, 5060, ?, 'registered', ?, ?)",
+                   (f"sip:u{n}@ims.example", f"sip:u{n}@{host}:5060", host, host, proto, host,
+                    proto, time.time() + 3600, tunnel))
     db.close()
-    s = make(tmp_path / "ipsec.db")
-    assert s.get_contact(c.id).transport == "tcp"
-    (alice,) = s.find_by_aor("sip:alice@ims.example")
-    assert alice.state == REGISTERED and alice.tunnel is not None and alice.transport == "udp"
-    assert s._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (3,)
+    s = make(path)
+    (alice,) = s.find_by_aor("sip:u0@ims.example")
+    (bob,) = s.find_by_aor("sip:u1@ims.example")
+    assert alice.state == REGISTERED and alice.tunnel.lease == Lease(1000, 1001, 5100, 5200)
+    assert (alice.transport, bob.transport) == ("udp", "tcp")
+    assert s.lease("10.0.0.9").spi_pc == 1002  # the cursor survived; 1000 is still taken
+    assert not s.release(Lease(1004, 1005, 5100, 5200)) and s.release(alice.tunnel.lease)
+    assert s._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (4,)
     s.close()
 
 
@@ -224,7 +282,9 @@ def test_ports_rotate_and_are_shared_by_more_phones_than_connections(store):
 
 
 def test_a_phone_never_gets_its_live_tunnels_port_pair(store):
+    contact = pending(store)
     first = store.lease("10.0.0.1")
+    store.set_tunnel(contact.id, tunnel_on(store, first))
     store.lease("10.0.0.2")  # moves the rotation back onto the first phone's pair
     again = store.lease("10.0.0.1")
     assert (again.port_pc, again.port_ps) != (first.port_pc, first.port_ps)
