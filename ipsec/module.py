@@ -38,6 +38,10 @@ DST_URI_TRANSPORT = 0x80
 USE_VIA = 0x100
 UDP_FALLBACK_TCP = 0x200
 
+# Transaction notes (AVPs in Kamailio) ipsec_forward leaves for the replies of a request
+NOTE_CONTACT = "ipsec_contact"
+NOTE_TUNNEL = "ipsec_tunnel"
+
 DUPLICATE_RETRIES = 3
 DEFAULT_EXPIRES = 3600
 # A tunnel whose last reply is still on its way (200 OK to a de-REGISTER) is removed by the
@@ -78,6 +82,8 @@ class Message(RequestView, Protocol):
     def set_dst_uri(self, uri: str) -> None: ...
     def set_send_socket(self, sock: str) -> None: ...
     def set_reply_path(self, sock: str, target: str) -> None: ...
+    def note(self, name: str, value: int) -> None: ...
+    def noted(self, name: str) -> int | None: ...
 
 
 class Refused(Exception):
@@ -219,25 +225,31 @@ class Module:
     def save(self, msg: Message, domain: str) -> int:
         """The 200 OK to a REGISTER: the contact is registered until the expiry it grants,
         and its binding becomes the REGISTER's Contact (a re-registration through new SAs
-        names the phone's new protected server port there) over the REGISTER's transport."""
+        names the phone's new protected server port there) over the REGISTER's transport.
+        A REGISTER that came through the pending SAs confirms them (33.203 7.4), in the same
+        transaction; the old SAs go."""
         req = msg.request()
-        contact = self._contact_of_register(req, promote=False)
+        noted = _noted_tunnel(msg)
+        if noted is not None:
+            contact_id, through = noted
+            fallback_uri = None
+        else:
+            contact = self._contact_of_register(req)
+            contact_id, fallback_uri = contact.id, contact.uri
+            through = contact.tunnel.lease.spi_pc if contact.tunnel is not None else None
         found = headers.contacts(req.header("Contact"))
-        uri = found[0][0] if found and found[0][0] != "*" else contact.uri
+        uri = found[0][0] if found and found[0][0] != "*" else fallback_uri
+        if uri is None:
+            raise Refused(f"REGISTER from {req.source()} without a Contact to register")
         params = (_params_of(uri, msg.header("Contact"))
                   or _params_of(uri, req.header("Contact")) or {})
         expires = headers.expires_of(params, msg.first_header("Expires"), DEFAULT_EXPIRES)
-        promote = _through_pending(contact)
         if expires == 0:
-            if promote:
-                self._retire(self.store.promote(contact.id))
+            if through is not None:
+                self._retire(self.store.promote(contact_id, through))
             return 1
-        if promote:
-            self._retire(self.store.register_and_promote(contact.id, self.clock() + expires,
-                                                         uri=uri, received=req.source()))
-        else:
-            self.store.set_registered(contact.id, self.clock() + expires, uri=uri,
-                                      received=req.source())
+        self._retire(self.store.register(contact_id, self.clock() + expires, uri=uri,
+                                         received=req.source(), through=through))
         return 1
 
     def is_deregistration(self, msg: Message) -> bool:
@@ -253,22 +265,24 @@ class Module:
         except (headers.HeaderError, SipUriError):
             return False
 
-    def _contact_of_register(self, req: RequestView, promote: bool = True) -> Contact:
-        """The contact a REGISTER (seen from its reply) belongs to. One that came through the
-        pending SAs confirms them (33.203 7.4): they serve from now on, and the old ones go
-        (the reply leaves through the new ones). `promote=False`: the caller does that."""
+    def _contact_of_register(self, req: RequestView) -> Contact:
+        """The contact a REGISTER (seen from its reply) belongs to: the one whose SAs it came
+        through, or the one its unprotected binding names."""
         contact = self.tunnel_contact(req)
         if contact is None and not self._on_protected_port(req.local()):
             contact = self.store.find_binding(headers.aor(req.first_header("To")), req.source())
         if contact is None:
             raise Refused(f"no contact for the REGISTER from {req.source()}")
-        if promote and _through_pending(contact):
-            self._retire(self.store.promote(contact.id))
-            contact = dataclasses.replace(contact, pending=None)
-            memo = getattr(req, "memo", None)
-            if memo is not None:
-                memo["tunnel_contact"] = contact
         return contact
+
+    def _tunnel_of_register(self, msg: Message) -> tuple[int, int]:
+        """(contact id, spi_pc of the SAs) a protected REGISTER came through: as the request
+        route noted them, else looked up."""
+        noted = _noted_tunnel(msg)
+        if noted is not None:
+            return noted
+        contact = self._contact_of_register(msg.request())
+        return contact.id, contact.tunnel.lease.spi_pc
 
     def _retire(self, old: Tunnel | None) -> None:
         """The tunnel a promotion replaced: out of the kernel, its lease back."""
@@ -287,8 +301,9 @@ class Module:
         if flags & CREATE_DELETE_UNUSED:
             self._remove_unused()
         req = msg.request()
+        through: int | None = None
         if self._on_protected_port(req.local()):
-            key: int | Binding = self._contact_of_register(req).id
+            key, through = self._tunnel_of_register(msg)
         else:
             key = _binding_of(req)
         client = req.header("Security-Client")
@@ -307,8 +322,8 @@ class Module:
         ue = UeSide(req.source().host, offer.spi_c, offer.spi_s, offer.port_c, offer.port_s)
         digest = self.store.keys_digest(ck, ik)
         with self.locks.held(ue.host):  # one phone's tunnels change in one worker at a time
-            server = self._tunnel_for_challenge(key, ue, offer, ck, ik, digest, client,
-                                                _transaction_key(req))
+            server = self._tunnel_for_challenge(key, through, ue, offer, ck, ik, digest,
+                                                client, _transaction_key(req))
         msg.remove_header("WWW-Authenticate")
         msg.append_header("WWW-Authenticate", stripped)
         msg.append_header("Security-Server", server)
@@ -316,14 +331,22 @@ class Module:
             msg.append_header("Supported", "sec-agree")
         return 1
 
-    def _tunnel_for_challenge(self, key: int | Binding, ue: UeSide, offer: secagree.Offer,
-                              ck: bytes, ik: bytes, digest: bytes, client: str,
-                              txn: bytes) -> str:
+    def _tunnel_for_challenge(self, key: int | Binding, through: int | None, ue: UeSide,
+                              offer: secagree.Offer, ck: bytes, ik: bytes, digest: bytes,
+                              client: str, txn: bytes) -> str:
         """The Security-Server for this challenge: the tunnel kept, or a new one. Runs under
-        the phone's lock, on the contact as it is now (another worker may have changed it)."""
+        the phone's lock, on the contact as it is now (another worker may have changed it).
+        `through`: the spi_pc of the SAs a protected REGISTER came through; when those are
+        the pending ones, the phone has switched to them (33.203 7.4): they serve from now on
+        and the 401 leaves through them."""
         contact, clashes = self.store.challenge_state(key, ue)
         if contact is None and isinstance(key, int):
             raise Refused(f"contact {key} is gone (swept or de-registered meanwhile)")
+        if (through is not None and contact.pending is not None
+                and contact.pending.lease.spi_pc == through):
+            self._retire(self.store.promote(contact.id, through))
+            contact = dataclasses.replace(contact, tunnel=contact.pending, pending=None)
+            clashes = [(t, in_use or t.lease == contact.tunnel.lease) for t, in_use in clashes]
         staged = contact.pending if contact is not None else None
         if staged is not None and staged.txn == txn:
             # A second 401 to the same REGISTER (the core answered TM's retransmission): TM
@@ -480,6 +503,9 @@ class Module:
         if contact is None:
             raise Refused(f"{msg.method()} from {msg.source()} did not come through a known tunnel")
         t, src = contact.tunnel, msg.source()
+        # for the transaction's replies: which contact and SAs, without looking them up again
+        msg.note(NOTE_CONTACT, contact.id)
+        msg.note(NOTE_TUNNEL, t.lease.spi_pc)
         if src.proto != "udp":
             return 1  # TCP/TLS replies go back on the phone's connection: port_ps -> port_uc
         remote, local = t.ue.port_us, t.lease.port_pc
@@ -491,8 +517,7 @@ class Module:
         return 1
 
     def _forward_reply(self, msg: Message) -> int:
-        contact = self.tunnel_contact(msg.request())
-        if contact is None:
+        if _noted_tunnel(msg) is None and self.tunnel_contact(msg.request()) is None:
             raise Refused(f"reply to {msg.request().source()}: no tunnel")
         if msg.request().method() == "REGISTER" and 200 <= (msg.status() or 0) < 300:
             for name in ("Supported", "Require"):
@@ -650,6 +675,13 @@ def _flow(direction: object, sel: object) -> tuple:
 def _ours(what: object, lease: Lease) -> bool:
     """Is a duplicate the kernel reported one of OUR SPIs (another lease may help)?"""
     return isinstance(what, SA) and what.spi in (lease.spi_pc, lease.spi_ps)
+
+
+def _noted_tunnel(msg: Message) -> tuple[int, int] | None:
+    """(contact id, spi_pc of the SAs) the transaction's request came through, as
+    ipsec_forward noted them in the request route; None where it did not."""
+    contact_id, spi = msg.noted(NOTE_CONTACT), msg.noted(NOTE_TUNNEL)
+    return (contact_id, spi) if contact_id is not None and spi is not None else None
 
 
 def _binding_of(req: RequestView) -> Binding:

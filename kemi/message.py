@@ -93,6 +93,15 @@ class KsrMessage(_Reading):
     def remove_header(self, name: str) -> None:
         KSR.hdr.remove(name)
 
+    def note(self, name: str, value: int) -> None:
+        """An integer for the rest of the transaction (an AVP: TM keeps it with the
+        transaction, so its reply routes read it back with `noted`)."""
+        KSR.pv.seti(f"$avp({name})", value)
+
+    def noted(self, name: str) -> int | None:
+        value = _pv(f"$avp({name})")
+        return value if isinstance(value, int) else None
+
     def set_dst_uri(self, uri: str) -> None:
         KSR.setdsturi(uri)
 

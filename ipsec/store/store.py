@@ -357,13 +357,14 @@ class Store:
             self._register(db, contact_id, expires, uri, received)
             return self._get(db, contact_id)
 
-    def register_and_promote(self, contact_id: int, expires: float, *, uri: str,
-                             received: Address) -> Tunnel | None:
-        """`set_registered` and `promote` in one transaction: the 200 OK to a REGISTER that
-        came through the pending tunnel. Returns the tunnel it replaces, as `promote` does."""
+    def register(self, contact_id: int, expires: float, *, uri: str, received: Address,
+                 through: int | None) -> Tunnel | None:
+        """`set_registered`, and, when the REGISTER came through the contact's pending
+        tunnel (`through` is its spi_pc), `promote` in the same transaction. Returns the
+        tunnel a promotion replaced, as `promote` does."""
         with self._tx() as db:
             self._register(db, contact_id, expires, uri, received)
-            return self._promote(db, contact_id)
+            return self._promote(db, contact_id, through) if through is not None else None
 
     def _register(self, db: sqlite3.Connection, contact_id: int, expires: float,
                   uri: str | None, received: Address | None) -> None:
@@ -419,21 +420,28 @@ class Store:
             return None
         return _tunnel(old) if old[4] is not None else None
 
-    def promote(self, contact_id: int) -> Tunnel | None:
-        """A REGISTER came through the pending tunnel: it becomes the one in use.
+    def promote(self, contact_id: int, through: int | None = None) -> Tunnel | None:
+        """A REGISTER came through the pending tunnel: it becomes the one in use. With
+        `through` (the spi_pc of the SAs the REGISTER came through), only if that is the
+        pending tunnel.
 
         Returns the tunnel it replaces, still leased: remove its SAs, then `release` it.
         """
         with self._tx() as db:
-            return self._promote(db, contact_id)
+            return self._promote(db, contact_id, through)
 
-    def _promote(self, db: sqlite3.Connection, contact_id: int) -> Tunnel | None:
-        c = self._get(db, contact_id)
-        if c.pending is None:
+    def _promote(self, db: sqlite3.Connection, contact_id: int,
+                 through: int | None = None) -> Tunnel | None:
+        row = db.execute(
+            f"SELECT p.spi_pc, {_TUNNEL_COLUMNS} FROM contacts c JOIN tunnels p"
+            " ON p.id = c.pending_tunnel_id LEFT JOIN tunnels t ON t.id = c.tunnel_id"
+            " WHERE c.id = ?", (contact_id,)).fetchone()
+        if row is None or (through is not None and row[0] != through):
             return None
         db.execute("UPDATE contacts SET tunnel_id = pending_tunnel_id,"
                    " pending_tunnel_id = NULL WHERE id = ?", (contact_id,))
-        return c.tunnel if c.tunnel is not None and c.tunnel.lease != c.pending.lease else None
+        old = row[1:]
+        return _tunnel(old) if old[0] is not None and old[0] != row[0] else None
 
     def _write_phone_side(self, db: sqlite3.Connection, tunnel: Tunnel) -> int:
         lease, ue = tunnel.lease, tunnel.ue

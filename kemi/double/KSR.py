@@ -26,6 +26,7 @@ in its source, and exercised against it in the end-to-end tests):
   late. `t_newtran` answers 0 for a retransmission of a request whose transaction exists
   (`_load_request(..., retransmission=True)`): TM resent the last reply, the script stops.
 - `sl.send_reply` answers through the transaction when one exists, statelessly otherwise.
+- AVPs set while a request is routed belong to its transaction: its reply routes read them.
 Any KSR function or pseudo-variable not written here raises AttributeError: a test must never
 pass because the double quietly accepted a call Kamailio would answer differently.
 """
@@ -147,6 +148,7 @@ class Relay:
     on_reply: str | None
     on_failure: str | None
     request: _View  # the transaction's request, as $T_req(...) will read it
+    avps: tuple[tuple[str, object], ...] = ()  # the transaction's AVPs, for its reply routes
 
 
 @dataclass
@@ -250,11 +252,13 @@ def _load_reply(raw: str, request: str | Relay, *,
     msg = parse(raw)
     if msg.is_request:
         raise ValueError("KSR double: _load_reply needs a reply")
+    avps: dict[str, object] = {}
     if isinstance(request, Relay):
-        req = request.request
+        req, avps = request.request, dict(request.avps)
     else:
         req = _View(parse(raw=request), _source(request_source), request_local)
-    rec = _local.rec = Record(view=_View(msg, _source(source), local), request=req, in_transaction=True)
+    rec = _local.rec = Record(view=_View(msg, _source(source), local), request=req,
+                              in_transaction=True, avps=avps)
     return rec
 
 
@@ -449,7 +453,7 @@ def _t_relay() -> int:
         send_socket=_r().send_socket, reply_socket=t.reply_socket,
         reply_target=t.reply_target, headers=tuple(_r().headers()),
         record_route=tuple(_r().record_route), on_reply=_r().on_reply,
-        on_failure=_r().on_failure, request=t.request))
+        on_failure=_r().on_failure, request=t.request, avps=tuple(_r().avps.items())))
     return _r().relay_result
 
 

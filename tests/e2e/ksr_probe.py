@@ -36,7 +36,8 @@ def probe_request(KSR, pcscf: str, protected_port: int) -> dict:
 
 
 def probe_reply(KSR) -> dict:
-    out = {pv: KSR.pv.get(pv) for pv in ("$rs", "$rm", "$hdr(WWW-Authenticate)", "$hdr(X-Missing)")}
+    out = {pv: KSR.pv.get(pv) for pv in ("$rs", "$rm", "$hdr(WWW-Authenticate)", "$hdr(X-Missing)",
+                                         "$avp(probe)")}
     for pv in ("$si", "$sp", "$pr", "$Rp", "$(hdr(Security-Client)[*])", "$hdr(X-Missing)"):
         out[f"$T_req({pv})"] = KSR.pv.get(f"$T_req({pv})")
     return out

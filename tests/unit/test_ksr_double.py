@@ -151,6 +151,14 @@ def test_newtran_absorbs_a_retransmission_and_send_reply_follows_the_transaction
     assert [(r.code, r.stateful) for r in KSR._rec.replies] == [(404, False), (403, True)]
 
 
+def test_avps_of_the_request_route_are_the_transactions():
+    KSR._load_request(invite())
+    KSR.pv.seti("$avp(n)", 42)
+    KSR.tm.t_relay()
+    KSR._load_reply(reply_to(invite(), 200, "OK"), KSR._rec.relays[0])
+    assert KSR.pv.get("$avp(n)") == 42 and KSR.pv.get("$avp(other)") is None
+
+
 def test_sl_replies_carry_append_to_reply_headers():
     KSR._load_request(invite())
     KSR.hdr.append_to_reply("Require: sec-agree\r\n")

@@ -164,6 +164,22 @@ def test_200_ok_registers_and_carries_sec_agree(pcscf):
     assert c.state == "registered" and c.expires == pytest.approx(pcscf.clock.now + 300, abs=1)
 
 
+def test_the_200_ok_finds_its_phone_by_what_the_request_route_noted(pcscf, mocker):
+    """ipsec_forward noted the contact and SAs on the transaction: the reply route registers
+    (and promotes a re-key) without looking the phone up in the store again."""
+    new = _rekey_challenge(pcscf, pcscf.registered())
+    final = register(security_client=REKEY_OFFER, security_verify=new, via=f"{UE}:32000", cseq=4)
+    rec = pcscf.request(final, source=(UE, 32000, "udp"),
+                        local=(PCSCF, int(server_param(new, "port-s"))))
+    looked_up = mocker.spy(pcscf.module.store, "find_by_source")
+    pcscf.register_reply(rec.relays[0], reply_to(final, 200, "OK", (
+        f"Contact: <sip:alice@{UE}:5060>;expires=600",)))
+    assert looked_up.call_count == 0
+    c = contact(pcscf)
+    assert c.tunnel.security_server == new and c.pending is None and c.state == "registered"
+    assert len(pcscf.kernel.sas) == 4
+
+
 def test_deregistration_keeps_the_sas_until_the_sweep_after_the_200(pcscf):
     server = pcscf.registered()
     raw, rec = protected_register(pcscf, server, server, expires=0, cseq=5)
@@ -342,6 +358,21 @@ def test_callbacks_route_a_register_and_the_timer_sweeps(script):
 
 
 # -- the binding follows the phone ----------------------------------------------------------------
+
+REKEY_OFFER = (OFFER.replace(f"port-c={PORT_UC}", "port-c=32000")
+               .replace("spi-c=1111", "spi-c=5555").replace("spi-s=2222", "spi-s=6666"))
+
+
+def _rekey_challenge(p, old: str) -> str:
+    """A REGISTER with a new offer through the old SAs, and its 401: the new Security-Server."""
+    rereg = register(security_client=REKEY_OFFER, security_verify=old, via=f"{UE}:{PORT_UC}",
+                     cseq=3)
+    rec = p.request(rereg, source=(UE, PORT_UC, "udp"),
+                    local=(PCSCF, int(server_param(old, "port-s"))))
+    rec = p.register_reply(rec.relays[0], reply_to(rereg, 401, "Unauthorized", (
+        "WWW-Authenticate: " + challenge(ck=IK, ik=CK),)))
+    return rec.values("Security-Server")[0]
+
 
 def _rekey(p, old: str, *, port_uc: int, port_us: int, proto: str = "udp") -> str:
     """33.203 7.4 with new ports: a REGISTER with a new Security-Client through the old SAs,
