@@ -15,10 +15,15 @@ if _HOME not in sys.path:
 
 import KSR  # noqa: E402
 
+from kemi.imports import defer_pyroute2_init  # noqa: E402
+
+defer_pyroute2_init()  # before ipsec.xfrm imports pyroute2.netlink: a smaller heap to fork
+
 from ipsec.module import Module, ModuleError  # noqa: E402
 from ipsec.params import ParamError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
 from kemi.routing import Routing, refuse_challenge  # noqa: E402
+from kemi.workers import StartError, Workers, ensure_open_files  # noqa: E402
 
 DOMAIN = "location"
 
@@ -31,8 +36,9 @@ def mod_init():
         KSR.err("ims-ipsec: refusing to start: %s\n" % e)
         return None
     try:
+        ensure_open_files(Workers.from_defines(module.params, KSR.kx.get_def), KSR.info)
         module.startup()
-    except ModuleError as e:
+    except (ModuleError, StartError) as e:
         KSR.err("ims-ipsec: refusing to start: %s\n" % e)
         return None
     finally:
