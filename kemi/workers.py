@@ -57,9 +57,10 @@ class Workers:
 
 
 def ensure_open_files(workers: Workers, log: Callable[[str], object],
-                      getrlimit=resource.getrlimit, setrlimit=resource.setrlimit) -> None:
+                      getrlimit=None, setrlimit=None) -> None:
     """Raise the soft open files limit to what the workers need (and room for TCP
     connections) if the hard limit allows; StartError when it does not."""
+    getrlimit, setrlimit = getrlimit or resource.getrlimit, setrlimit or resource.setrlimit
     soft, hard = getrlimit(resource.RLIMIT_NOFILE)
     need = workers.open_files
     if soft == resource.RLIM_INFINITY or soft >= need:

@@ -60,13 +60,13 @@ class Kamailio:
         self.proc: subprocess.Popen | None = None
         self.log_path = run_dir / "kamailio.log"
 
-    def start(self, **popen) -> float:
+    def start(self, prefix: tuple[str, ...] = ()) -> float:
         """Start and wait until every UDP socket has a worker: 5060 answers OPTIONS, then
         every protected socket does (the C module's sockets get their workers last, one
         socket after the other: with many port pairs that takes a while). Returns the
-        seconds that took. `popen`: more subprocess.Popen arguments (e.g. preexec_fn)."""
+        seconds that took. `prefix`: a command to run it through (e.g. prlimit)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        args = ["ip", "netns", "exec", self.link.pc, "env", "-i",
+        args = [*prefix, "ip", "netns", "exec", self.link.pc, "env", "-i",
                 "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "kamailio", "-f", str(CFG), "-DD", "-E",
                 "-Y", str(self.run_dir), "-w", str(self.run_dir)]
         for name, value in self.defines.items():
@@ -75,7 +75,7 @@ class Kamailio:
         with open(self.log_path, "a") as log:
             # a process group of its own: stop() ends exactly this Kamailio's processes
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd="/",
-                                         start_new_session=True, **popen)
+                                         start_new_session=True)
         deadline = t0 + START_TIMEOUT
         self._wait_answers([(4, ADDRS[4][0], 5060)], deadline)
         self._wait_answers(self.protected_sockets(), deadline)
