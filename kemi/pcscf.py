@@ -7,6 +7,7 @@ import functools
 import os
 import site
 import sys
+import time
 
 _HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 site.addsitedir(os.path.join(_HOME, ".venv", "lib", "python%d.%d" % sys.version_info[:2], "site-packages"))
@@ -30,6 +31,7 @@ DOMAIN = "location"
 
 def mod_init():
     """Main process, before the fork: read the defines, reconcile kernel and store."""
+    started = time.monotonic()
     try:
         module = Module.from_defines(KSR.kx.get_def, log=KSR)
     except (ParamError, ModuleError) as e:
@@ -43,7 +45,7 @@ def mod_init():
         return None
     finally:
         module.close()  # every worker opens its own store connection and netlink socket
-    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN))
+    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN), started)
 
 
 def _guarded(on_error):
@@ -74,8 +76,9 @@ def _fail_challenge():
 class kamailio:
     """The callbacks Kamailio looks up by name; every one delegates to `Routing`."""
 
-    def __init__(self, routing):
+    def __init__(self, routing, started=None):
         self.r = routing
+        self.started = started  # mod_init's clock, until the start-up is announced
 
     def child_init(self, rank):
         return 0
@@ -97,5 +100,11 @@ class kamailio:
 
     @_guarded(lambda: None)
     def ksr_ipsec_sweep(self, msg, evname=None):
+        if self.started is not None:
+            # rtimer's process is forked after every UDP worker: the first sweep marks the
+            # end of the start-up (with many port pairs it takes a while, see README)
+            KSR.info("ims-ipsec: started: every UDP worker is up, %.1f s after mod_init\n"
+                     % (time.monotonic() - self.started))
+            self.started = None
         self.r.sweep()
         return 1

@@ -43,6 +43,7 @@ class Run:
     registered: float | None = None  # the phone's 200 OK
     phone_error: str = ""
     up: float | None = None  # when the process count stopped changing
+    announced: float | None = None  # when the P-CSCF logged that every UDP worker is up
     processes: int = 0
     over_time: dict[int, int] = field(default_factory=dict)
     pss_mb: float = 0.0
@@ -203,6 +204,8 @@ def measure(link: esp_net.Link, scscf: Scscf, opts: argparse.Namespace, pairs: i
         k.stop()
         stamper.join(timeout=5)
     run.log = k.log()[:log_size]
+    said = [l for l in run.log.splitlines() if "ims-ipsec: started:" in l]
+    run.announced = float(said[0].split()[0]) if said else None
     run.errors = [l.strip() for l in run.log.splitlines()
                   if any(w in l for w in ("ERROR", "CRITICAL", "ALERT", "refusing"))
                   and not any(h in l for h in HARMLESS)]
@@ -223,7 +226,8 @@ def report(r: Run) -> None:
     if r.exit_code is not None:
         print(f"  Kamailio EXITED ({r.exit_code})")
     elif r.up is not None:
-        print(f"  {r.processes} processes, all up at {r.up:.1f} s")
+        print(f"  {r.processes} processes, all up at {r.up:.1f} s" + (
+            f" (the P-CSCF logged every UDP worker up at {r.announced:.1f} s)" if r.announced else ""))
     else:
         print(f"  {r.processes} processes, still changing")
     print(f"  processes at {', '.join(f'{t} s: {c}' for t, c in r.over_time.items())}")

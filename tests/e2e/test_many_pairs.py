@@ -51,6 +51,10 @@ def test_protected_sockets_have_ipsec_children_workers_and_a_phone_registers_at_
         phone.full_registration()
         phone.close()
         assert took < 60, f"{PAIRS} port pairs took {took:.1f} s to start"
+        deadline = time.monotonic() + 10  # rtimer's first sweep, forked after the UDP workers
+        while "ims-ipsec: started: every UDP worker is up" not in k.log():
+            assert time.monotonic() < deadline, "no start-up line from the first sweep"
+            time.sleep(0.2)
     finally:
         k.stop()
 

@@ -145,6 +145,16 @@ def test_a_bad_worker_count_is_refused(value):
         Workers.from_defines(params, {"CHILDREN": "4", "IPSEC_CHILDREN": value}.get)
 
 
+def test_the_first_sweep_announces_the_end_of_the_start_up(tmp_path, mocker):
+    """rtimer's process is forked after every UDP worker: its first sweep says so, once."""
+    mocker.patch("ipsec.module.Xfrm", return_value=FakeKernel())
+    app = _load_script(tmp_path).mod_init()
+    app.ksr_ipsec_sweep(None, "ipsec_sweep")
+    app.ksr_ipsec_sweep(None, "ipsec_sweep")
+    said = [l for l in KSR._rec.logs["info"] if "started" in l]
+    assert len(said) == 1 and said[0].startswith("ims-ipsec: started: every UDP worker is up, ")
+
+
 # ---- what the main process imports ------------------------------------------------------
 
 def test_the_main_process_loads_pyroute2_netlink_without_the_rest_of_pyroute2():
