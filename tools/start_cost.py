@@ -248,7 +248,8 @@ def summary(runs: list[Run]) -> None:
     for r in runs:
         if r.exit_code is not None:
             why = [l for l in r.errors if "refusing" in l or "Cannot fork" in l or "socketpair" in l]
-            line = (why or r.errors or [f"exit {r.exit_code}"])[0].split(": ", 1)[-1]
+            line = (why or r.errors or [f"exit {r.exit_code}"])[0]
+            line = line.split("ims-ipsec: ", 1)[-1] if "ims-ipsec: " in line else line.split(": ", 1)[-1]
             print(f"| {r.label} | exited: {line[:160]} | | | | |")
             continue
         up = f"{r.up:.1f} s" if r.up is not None else "-"
