@@ -15,6 +15,9 @@ from typing import Callable
 from .algorithms import AUTH_ALGS, ENC_ALGS
 
 SPI_MAX = 2**32 - 1
+# Port pairs: each binds UDP and TCP on 2 ports per address family, and every UDP socket has
+# Kamailio worker processes of its own; pairs are shared by all phones, so a few suffice.
+MAX_CONNECTIONS = 100
 RESERVED_SPIS = range(1, 256)  # RFC 4303 section 2.1
 
 
@@ -43,7 +46,8 @@ class Params:
         _check_addr("ipsec_listen_addr6", self.ipsec_listen_addr6, 6)
         if not (self.ipsec_listen_addr or self.ipsec_listen_addr6):
             raise ParamError("ipsec_listen_addr and ipsec_listen_addr6 are both empty: no protected socket")
-        _check_range("ipsec_max_connections", self.ipsec_max_connections, 1, 65535)
+        _check_connections(self.ipsec_max_connections, families=(bool(self.ipsec_listen_addr)
+                                                                 + bool(self.ipsec_listen_addr6)))
         top = 65536 - self.ipsec_max_connections
         _check_range("ipsec_client_port", self.ipsec_client_port, 1, top)
         _check_range("ipsec_server_port", self.ipsec_server_port, 1, top)
@@ -125,6 +129,18 @@ def _unquote(text: str) -> str:
 def _check_range(name: str, value: int, low: int, high: int) -> None:
     if not isinstance(value, int) or not low <= value <= high:
         raise ParamError(f"{name}: {value!r} is out of range {low}..{high}")
+
+
+def _check_connections(pairs: int, families: int) -> None:
+    _check_range("ipsec_max_connections", pairs, 1, 65535)
+    if pairs > MAX_CONNECTIONS:
+        raise ParamError(
+            f"ipsec_max_connections: {pairs} port pairs is more than {MAX_CONNECTIONS}; it is not "
+            f"the number of phones: all phones share the port pairs (a phone uses one pair and "
+            f"moves to another when it re-keys), so a few suffice (2 to 10). Each pair is 2 "
+            f"protected UDP sockets per address family, each with worker processes of its own: "
+            f"{pairs} pairs would start {2 * pairs * families} processes or more. Use fewer pairs; "
+            f"for more protected workers raise IPSEC_CHILDREN (workers per protected socket)")
 
 
 def _check_addr(name: str, value: str, version: int) -> None:

@@ -7,6 +7,7 @@ import functools
 import os
 import site
 import sys
+import time
 
 _HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 site.addsitedir(os.path.join(_HOME, ".venv", "lib", "python%d.%d" % sys.version_info[:2], "site-packages"))
@@ -15,29 +16,36 @@ if _HOME not in sys.path:
 
 import KSR  # noqa: E402
 
+from kemi.imports import defer_pyroute2_init  # noqa: E402
+
+defer_pyroute2_init()  # before ipsec.xfrm imports pyroute2.netlink: a smaller heap to fork
+
 from ipsec.module import Module, ModuleError  # noqa: E402
 from ipsec.params import ParamError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
 from kemi.routing import Routing, refuse_challenge  # noqa: E402
+from kemi.workers import StartError, Workers, ensure_open_files  # noqa: E402
 
 DOMAIN = "location"
 
 
 def mod_init():
     """Main process, before the fork: read the defines, reconcile kernel and store."""
+    started = time.monotonic()
     try:
         module = Module.from_defines(KSR.kx.get_def, log=KSR)
     except (ParamError, ModuleError) as e:
         KSR.err("ims-ipsec: refusing to start: %s\n" % e)
         return None
     try:
+        ensure_open_files(Workers.from_defines(module.params, KSR.kx.get_def), KSR.info)
         module.startup()
-    except ModuleError as e:
+    except (ModuleError, StartError) as e:
         KSR.err("ims-ipsec: refusing to start: %s\n" % e)
         return None
     finally:
         module.close()  # every worker opens its own store connection and netlink socket
-    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN))
+    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN), started)
 
 
 def _guarded(on_error):
@@ -68,8 +76,9 @@ def _fail_challenge():
 class kamailio:
     """The callbacks Kamailio looks up by name; every one delegates to `Routing`."""
 
-    def __init__(self, routing):
+    def __init__(self, routing, started=None):
         self.r = routing
+        self.started = started  # mod_init's clock, until the start-up is announced
 
     def child_init(self, rank):
         """A SIP worker opens what it will need now, not while its first phone waits."""
@@ -98,5 +107,11 @@ class kamailio:
 
     @_guarded(lambda: None)
     def ksr_ipsec_sweep(self, msg, evname=None):
+        if self.started is not None:
+            # rtimer's process is forked after every UDP worker: the first sweep marks the
+            # end of the start-up (with many port pairs it takes a while, see README)
+            KSR.info("ims-ipsec: started: every UDP worker is up, %.1f s after mod_init\n"
+                     % (time.monotonic() - self.started))
+            self.started = None
         self.r.sweep()
         return 1

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, str] = {
     "RUN_DIR": '"/var/run/kamailio"',
     "EXPIRY_GRACE": "30",
     "CHILDREN": "4",
+    "IPSEC_CHILDREN": "1",
 }
 SIP_PORT = 5060  # kamailio.cfg's unprotected listen lines
 STORE_FILE = "ipsec-pcscf.sqlite"

@@ -7,6 +7,7 @@ the kernel tests' link, UE-side `ip xfrm` and capture helpers in tests/kernel/es
 """
 from __future__ import annotations
 
+import os
 import queue
 import random
 import re
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CFG = ROOT / "kamailio.cfg"
 SCSCF_PORT = 6060
 WAIT = 8.0
+START_TIMEOUT = 120.0  # User-mode Linux starts a Python-loaded worker in ~0.06 s (README)
 
 
 def _socket(ns: str, family: int, kind: int) -> socket.socket:
@@ -58,54 +60,113 @@ class Kamailio:
         self.proc: subprocess.Popen | None = None
         self.log_path = run_dir / "kamailio.log"
 
-    def start(self) -> float:
+    def start(self, prefix: tuple[str, ...] = ()) -> float:
+        """Start and wait until every UDP socket has a worker: 5060 answers OPTIONS, then
+        every protected socket does (the C module's sockets get their workers last, one
+        socket after the other: with many port pairs that takes a while). Returns the
+        seconds that took. `prefix`: a command to run it through (e.g. prlimit)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        args = ["ip", "netns", "exec", self.link.pc, "env", "-i",
+        args = [*prefix, "ip", "netns", "exec", self.link.pc, "env", "-i",
                 "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "kamailio", "-f", str(CFG), "-DD", "-E",
                 "-Y", str(self.run_dir), "-w", str(self.run_dir)]
         for name, value in self.defines.items():
             args += ["-A", f"{name}={value}"]
         t0 = time.monotonic()
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd="/")
-        self._wait_ready()
+            # a process group of its own: stop() ends exactly this Kamailio's processes
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd="/",
+                                         start_new_session=True)
+        deadline = t0 + START_TIMEOUT
+        self._wait_answers([(4, ADDRS[4][0], 5060)], deadline)
+        self._wait_answers(self.protected_sockets(), deadline)
         return time.monotonic() - t0
 
-    def _wait_ready(self) -> None:
-        s = _socket(self.link.pc, 4, socket.SOCK_DGRAM)
-        s.bind((ADDRS[4][0], 0))
-        s.settimeout(0.5)
-        deadline = time.monotonic() + 60
+    def protected_sockets(self) -> list[tuple[int, str, int]]:
+        """(family, address, port) of every protected UDP socket the defines ask for."""
+        d = self.defines
+        pairs = int(d.get("IPSEC_MAX_CONNECTIONS", "2"))
+        ports = sorted({base + i for base in (int(d.get("IPSEC_CLIENT_PORT", "5062")),
+                                              int(d.get("IPSEC_SERVER_PORT", "5063")))
+                        for i in range(pairs)})
+        out = []
+        for family, name in ((4, "IPSEC_LISTEN_ADDR"), (6, "IPSEC_LISTEN_ADDR6")):
+            addr = d.get(name, "").strip('"')
+            out += [(family, addr, port) for port in ports if addr]
+        return out
+
+    def _wait_answers(self, targets: list[tuple[int, str, int]], deadline: float) -> None:
+        """OPTIONS to each (family, address, port), again every 0.5 s, until each answered."""
+        socks = {}
+        for family in {f for f, _, _ in targets}:
+            socks[family] = _socket(self.link.pc, family, socket.SOCK_DGRAM)
+            socks[family].bind((ADDRS[family][0], 0))
+        waiting = {token(): target for target in targets}  # by the Call-ID of its OPTIONS
         try:
-            while time.monotonic() < deadline:
+            while waiting:
                 if self.proc.poll() is not None:
                     raise AssertionError(f"kamailio exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-                opt = Msg(f"OPTIONS sip:{ADDRS[4][0]}:5060 SIP/2.0")
-                opt.add("Via", f"SIP/2.0/UDP {ADDRS[4][0]}:{s.getsockname()[1]};branch=z9hG4bK{token()}")
-                for n, v in (("From", f"<sip:probe@{ADDRS[4][0]}>;tag=1"), ("To", f"<sip:{ADDRS[4][0]}>"),
-                             ("Call-ID", token()), ("CSeq", "1 OPTIONS"), ("Max-Forwards", "70")):
-                    opt.add(n, v)
-                s.sendto(opt.encode(), (ADDRS[4][0], 5060))
-                try:
-                    if parse(s.recv(65535)).status == 200:
-                        return
-                except (TimeoutError, ConnectionRefusedError):
-                    pass
-            raise AssertionError(f"kamailio did not answer OPTIONS:\n{self.log()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"kamailio: {len(waiting)} sockets do not answer OPTIONS, "
+                                         f"e.g. {sorted(waiting.values())[0]}:\n{self.log()[-3000:]}")
+                for call_id, (family, addr, port) in waiting.items():
+                    s = socks[family]
+                    host = hostport(addr, port)
+                    opt = Msg(f"OPTIONS sip:{host} SIP/2.0")
+                    opt.add("Via", f"SIP/2.0/UDP {hostport(ADDRS[family][0], s.getsockname()[1])};"
+                                   f"branch=z9hG4bK{token()}")
+                    for n, v in (("From", f"<sip:probe@{host}>;tag=1"), ("To", f"<sip:{host}>"),
+                                 ("Call-ID", call_id), ("CSeq", "1 OPTIONS"), ("Max-Forwards", "70")):
+                        opt.add(n, v)
+                    s.sendto(opt.encode(), (addr, port))
+                until = time.monotonic() + 0.5
+                while waiting and (left := until - time.monotonic()) > 0:
+                    ready, _, _ = select.select(list(socks.values()), [], [], left)
+                    for s in ready:
+                        try:
+                            r = parse(s.recv(65535))
+                        except OSError:
+                            continue
+                        if r.status == 200:
+                            waiting.pop(r.get("Call-ID"), None)
         finally:
-            s.close()
+            for s in socks.values():
+                s.close()
+
+    def processes(self) -> list[int]:
+        """Process ids of this Kamailio (its process group: main and every worker)."""
+        if self.proc is None:
+            return []
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as f:
+                        pgrp = int(f.read().rsplit(b")", 1)[1].split()[2])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if pgrp == self.proc.pid:
+                    out.append(int(entry))
+        return out
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
         # workers outlive a killed main now and then: nothing of ours may keep the ports
-        subprocess.run(["ip", "netns", "exec", self.link.pc, "pkill", "-9", "-x", "kamailio"],
-                       capture_output=True)
+        # (only this Kamailio's group: other Kamailios on the machine are not ours to end)
+        deadline = time.monotonic() + 10
+        while self.processes() and time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        self.proc.wait()
         time.sleep(0.3)
 
     def log(self) -> str:
