@@ -16,12 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from . import headers, secagree, tunnel as kernel, warm
+from . import challenge, headers, secagree, tunnel as kernel, warm
 from .algorithms import AlgorithmError, EspAlgs
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
-from .store import (Binding, Contact, Lease, Store, StoreError, Tunnel, UeLocks, UeSide,
-                    keep_tunnel)
+from .store import Binding, Contact, Lease, Store, StoreError, Tunnel, UeLocks, UeSide
 from .xfrm import SA, Xfrm, XfrmError, XfrmExists
 
 # ipsec_create flags
@@ -335,64 +334,11 @@ class Module:
                               offer: secagree.Offer, ck: bytes, ik: bytes, digest: bytes,
                               client: str, txn: bytes) -> str:
         """The Security-Server for this challenge: the tunnel kept, or a new one. Runs under
-        the phone's lock, on the contact as it is now (another worker may have changed it).
+        the phone's lock; each round is one store transaction (ipsec/challenge.py decides).
         `through`: the spi_pc of the SAs a protected REGISTER came through; when those are
         the pending ones, the phone has switched to them (33.203 7.4): they serve from now on
-        and the 401 leaves through them."""
-        contact, clashes = self.store.challenge_state(key, ue)
-        if contact is None and isinstance(key, int):
-            raise Refused(f"contact {key} is gone (swept or de-registered meanwhile)")
-        if (through is not None and contact.pending is not None
-                and contact.pending.lease.spi_pc == through):
-            self._retire(self.store.promote(contact.id, through))
-            contact = dataclasses.replace(contact, tunnel=contact.pending, pending=None)
-            clashes = [(t, in_use or t.lease == contact.tunnel.lease) for t, in_use in clashes]
-        staged = contact.pending if contact is not None else None
-        if staged is not None and staged.txn == txn:
-            # A second 401 to the same REGISTER (the core answered TM's retransmission): TM
-            # relays only the first, whose Security-Server the phone acts on; keep its SAs.
-            if keep_tunnel(staged, ue, digest, True):
-                return staged.security_server
-            raise Refused(f"contact {contact.id}: a second challenge to one REGISTER with other "
-                          "keys or offer; the tunnel of the first stays")
-        if staged is not None and _older_register(txn, staged.txn):
-            # The phone has moved on to a newer REGISTER, already challenged: this 401 is for
-            # a transaction it abandoned, and must not replace the SAs the newer one offers.
-            raise Refused(f"contact {contact.id}: challenge to an earlier REGISTER than the one "
-                          "already challenged; ignored")
-        reuse = bool(self.params.ipsec_reuse_server_port)
-        kept = None if contact is None else next(
-            (t for t in (contact.tunnel, staged) if keep_tunnel(t, ue, digest, reuse)), None)
-        if kept is not None:
-            if isinstance(key, Binding):
-                self.store.save_pending(key.aor, key.uri, key.via, key.received)
-            self._info(f"contact {contact.id}: keeping tunnel spi-c={kept.lease.spi_pc}")
-            return kept.security_server
-        self._clear_phone_spis(contact, clashes)
-        return self._new_tunnel(key, ue, offer, ck, ik, digest, client, txn).security_server
-
-    def _clear_phone_spis(self, contact: Contact | None,
-                          clashes: list[tuple[Tunnel, bool]]) -> None:
-        """The kernel holds one SA per (phone address, SPI): a pending tunnel of this contact
-        with the SPIs offered again (a new REGISTER with the same Security-Client: the phone
-        gave up on the last challenge) is removed first. One in use, or another contact's,
-        is not ours to remove: refused."""
-        pending = contact.pending if contact is not None else None
-        for t, in_use in clashes:
-            if in_use or pending is None or t.lease != pending.lease:
-                raise Refused(f"the phone's SAs clash with those of tunnel spi-c={t.lease.spi_pc} "
-                              f"{'in use' if in_use else 'of another contact'} (it must offer new "
-                              "SPIs, 33.203 7.4)")
-            self._remove_tunnels([t])
-            self._info(f"contact {contact.id}: pending tunnel spi-c={t.lease.spi_pc} replaced "
-                       "(its SPIs offered again)")
-
-    def _new_tunnel(self, key: int | Binding, ue: UeSide, offer: secagree.Offer, ck: bytes,
-                    ik: bytes, digest: bytes, client: str, txn: bytes) -> Tunnel:
-        """Lease and stage in the store (one transaction, with the contact of an unprotected
-        REGISTER), then install (all or nothing); an SPI the kernel already has is skipped.
-        The tunnel is staged as the contact's pending one BEFORE its SAs go in, so the store
-        always knows what the kernel may hold, whatever happens to this worker."""
+        and the 401 leaves through them. A new tunnel is staged in the store BEFORE its SAs
+        go in, so the store knows every SA that may exist, whatever happens to this worker."""
         pcscf = self._pcscf_host(ue.host)
 
         def build(lease: Lease) -> Tunnel:
@@ -400,10 +346,28 @@ class Module:
                                                      lease.spi_ps, lease.port_pc, lease.port_ps)
             return Tunnel(lease, ue, offer.alg, offer.ealg, pcscf, digest, client, server, txn)
 
+        def decide(contact: Contact | None, clashes: list[tuple[Tunnel, bool]]):
+            return challenge.decide(contact, clashes, ue, digest, txn,
+                                    bool(self.params.ipsec_reuse_server_port),
+                                    isinstance(key, int))
+
         avoid: set[int] = set()
-        for _ in range(DUPLICATE_RETRIES):
-            record, replaced, contact_id = self.store.lease_and_stage(key, ue, avoid, build)
-            lease = record.lease
+        for _ in range(DUPLICATE_RETRIES + 2):
+            done = self.store.challenge(key, through, ue, decide, build, avoid)
+            self._retire(done.retired)
+            through = None  # promoted (or not) once
+            d = done.decision
+            if d.action == challenge.REFUSE:
+                raise Refused(f"contact {done.contact_id}: {d.reason}")
+            if d.action == challenge.KEEP:
+                self._info(f"contact {done.contact_id}: keeping tunnel spi-c={d.tunnel.lease.spi_pc}")
+                return d.tunnel.security_server
+            if d.action == challenge.CLEAR:
+                self._remove_tunnels([d.tunnel])
+                self._info(f"contact {done.contact_id}: pending tunnel spi-c="
+                           f"{d.tunnel.lease.spi_pc} replaced (its SPIs offered again)")
+                continue
+            record, lease = done.tunnel, done.tunnel.lease
             try:
                 kernel.install(self.xfrm, self._kernel_tunnel(pcscf, ue, lease, offer.alg,
                                                               offer.ealg, ck, ik))
@@ -418,12 +382,12 @@ class Module:
             except BaseException:
                 self.store.release(lease)
                 raise
-            if replaced is not None:  # a challenge repeated before the phone used the last
-                self._remove_tunnels([replaced])
-            self._info(f"contact {contact_id}: tunnel {ue.host} spi-c={lease.spi_pc} "
+            if done.replaced is not None:  # a challenge repeated before the phone used the last
+                self._remove_tunnels([done.replaced])
+            self._info(f"contact {done.contact_id}: tunnel {ue.host} spi-c={lease.spi_pc} "
                        f"spi-s={lease.spi_ps} port-c={lease.port_pc} port-s={lease.port_ps} "
                        f"alg={offer.alg} ealg={offer.ealg}")
-            return record
+            return record.security_server
         raise Refused(f"the kernel refused {DUPLICATE_RETRIES} SPI leases as duplicates")
 
     def _kernel_tunnel(self, pcscf: str, ue: UeSide, lease: Lease, alg: str, ealg: str,
@@ -693,12 +657,6 @@ def _binding_of(req: RequestView) -> Binding:
                    headers.top_via(req.header("Via")), req.source())
 
 
-def _through_pending(contact: Contact) -> bool:
-    """Did the REGISTER come through the contact's pending SAs (`tunnel_contact` put them in
-    `tunnel`)? Then the phone has switched to them."""
-    return contact.pending is not None and contact.tunnel == contact.pending
-
-
 def _transaction_key(req: RequestView) -> bytes:
     """The REGISTER transaction a 401 answers, and its place among the phone's REGISTERs:
     Call-ID (8 bytes of a hash), CSeq number (4 bytes), top Via with its branch (4 bytes of
@@ -711,13 +669,6 @@ def _transaction_key(req: RequestView) -> bytes:
 
 def _hash(text: str | None, size: int) -> bytes:
     return hashlib.blake2b((text or "").encode(), digest_size=size).digest()
-
-
-def _older_register(txn: bytes, than: bytes) -> bool:
-    """Was `txn` an earlier REGISTER of the same phone (same Call-ID, lower CSeq)? A phone
-    that sent a new REGISTER has given up on the old one (RFC 3261 10.2.4: one at a time)."""
-    return (len(txn) == len(than) == 16 and txn[:8] == than[:8]
-            and int.from_bytes(txn[8:12], "big") < int.from_bytes(than[8:12], "big"))
 
 
 def _params_of(uri: str, contact_value: str | None) -> dict[str, str] | None:

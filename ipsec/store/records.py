@@ -120,6 +120,20 @@ class Contact:
     transport: str = "udp"
 
 
+# What a 401 does to a phone's tunnels (ipsec/challenge.py decides, Store.challenge acts)
+KEEP = "keep"  # the tunnel already offered serves this challenge: its Security-Server again
+NEW = "new"  # lease, stage and install a new tunnel
+CLEAR = "clear"  # remove this unconfirmed tunnel (its phone SPIs are offered again), decide again
+REFUSE = "refuse"  # this challenge gets no tunnel: the 401 becomes a 503, its keys never leave
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    tunnel: Tunnel | None = None
+    reason: str = ""
+
+
 def keep_tunnel(current: Tunnel | None, ue: UeSide, keys_digest: bytes,
                 reuse_server_port: bool) -> bool:
     """Re-registration: may the phone keep its current SA set instead of a new lease?

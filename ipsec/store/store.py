@@ -14,15 +14,16 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from ipsec.sipuri import (TRANSPORTS, Address, SipUri, alias_target, normalize_host, parse_uri,
                           uri_target)
 from ipsec import forks
 from ipsec.store import schema
 from ipsec.store.locks import WriterLock
-from ipsec.store.records import (PENDING, REGISTERED, Binding, Contact, Lease, NotLeased,
-                                 PhoneSpiInUse, SpiExhausted, StoreError, Tunnel, UeSide,
-                                 UnknownContact)
+from ipsec.store.records import (KEEP, NEW, PENDING, REGISTERED, Binding, Contact, Decision,
+                                 Lease, NotLeased, PhoneSpiInUse, SpiExhausted, StoreError,
+                                 Tunnel, UeSide, UnknownContact)
 
 # Connections inherited across a fork are kept referenced, never closed or used: closing one
 # in the child could disturb the parent's locks and WAL (SQLite forbids using it there).
@@ -390,17 +391,6 @@ class Store:
         with self._tx() as db:
             return self._stage(db, contact_id, tunnel)
 
-    def lease_and_stage(self, contact: int | Binding, ue: UeSide, avoid: Iterable[int],
-                        build: Callable[[Lease], Tunnel]) -> tuple[Tunnel, Tunnel | None, int]:
-        """`lease` and `stage_tunnel` in one transaction: the tunnel `build` makes of the
-        new lease, for a contact (its id, or the binding of an unprotected REGISTER, saved
-        as `save_pending` does in the same transaction). Returns the tunnel, the pending
-        tunnel it replaces (still leased) and the contact's id."""
-        with self._tx() as db:
-            contact_id = contact if isinstance(contact, int) else self._save_binding(db, contact)
-            tunnel = build(self._lease(db, ue.host, avoid, (ue.port_uc, ue.port_us)))
-            return tunnel, self._stage(db, contact_id, tunnel), contact_id
-
     def _stage(self, db: sqlite3.Connection, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
         ue = tunnel.ue
         clash = db.execute(
@@ -458,24 +448,39 @@ class Store:
             raise NotLeased(f"{lease} is not leased")
         return row[0][0]
 
-    def challenge_state(self, contact: int | Binding, ue: UeSide
-                        ) -> tuple[Contact | None, list[tuple[Tunnel, bool]]]:
-        """What ipsec_create decides on, read in one snapshot: the contact as it is now (by
-        id, or the one a binding would refresh), and the tunnels whose SAs to this phone use
-        one of its SPIs (only one of them can be in the kernel), each with whether some
-        contact uses it (True) or only has it pending."""
-        with self._read() as db:
+    def challenge(self, contact: int | Binding, through: int | None, ue: UeSide,
+                  decide: Callable[[Contact | None, list[tuple[Tunnel, bool]]], Decision],
+                  build: Callable[[Lease], Tunnel], avoid: Iterable[int] = ()) -> Challenged:
+        """What a 401 does to the phone's tunnels, in one write transaction.
+
+        Reads the contact (by id, or the one a binding would refresh) and the tunnels whose
+        SAs to this phone use one of its SPIs (only one of each can be in the kernel), each
+        with whether a contact uses it; with `through` (the spi_pc of the SAs a protected
+        REGISTER came through) promotes the pending tunnel first when those are it. Then acts
+        on `decide(contact, clashes)`: for NEW, saves an unprotected REGISTER's binding,
+        leases (avoiding `avoid`) and stages the tunnel `build` makes of the lease; for KEEP,
+        refreshes the binding. CLEAR and REFUSE write nothing more: the caller acts.
+        """
+        with self._tx() as db:
             contact_id = contact if isinstance(contact, int) else self._binding_id(
                 db, contact.aor, _address(contact.received))
+            retired = self._promote(db, contact_id, through) if (
+                through is not None and contact_id is not None) else None
             row = None if contact_id is None else db.execute(
                 f"{_CONTACT_SELECT} WHERE c.id = ?", (contact_id,)).fetchone()
-            clashes = db.execute(
+            clashes = [(_tunnel(r[:-1]), bool(r[-1])) for r in db.execute(
                 f"SELECT {_TUNNEL_COLUMNS}, EXISTS (SELECT 1 FROM contacts c"
                 " WHERE c.tunnel_id = t.id) FROM tunnels t WHERE t.ue_host = ?"
                 " AND (t.spi_uc IN (?, ?) OR t.spi_us IN (?, ?))",
-                (ue.host, ue.spi_uc, ue.spi_us, ue.spi_uc, ue.spi_us)).fetchall()
-        return (_contact(row) if row is not None else None,
-                [(_tunnel(r[:-1]), bool(r[-1])) for r in clashes])
+                (ue.host, ue.spi_uc, ue.spi_us, ue.spi_uc, ue.spi_us))]
+            decision = decide(_contact(row) if row is not None else None, clashes)
+            tunnel = replaced = None
+            if decision.action in (NEW, KEEP) and isinstance(contact, Binding):
+                contact_id = self._save_binding(db, contact)
+            if decision.action == NEW:
+                tunnel = build(self._lease(db, ue.host, avoid, (ue.port_uc, ue.port_us)))
+                replaced = self._stage(db, contact_id, tunnel)
+            return Challenged(decision, contact_id, tunnel, replaced, retired)
 
     def set_tunnel(self, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
         """Attach installed SAs (on a lease we hold) to a contact, in one transaction.
@@ -663,6 +668,19 @@ def _sqlite_errors(path: str) -> Iterator[None]:
         yield
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"store {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Challenged:
+    """What `Store.challenge` did: the decision, the contact's id (None: none yet), the new
+    tunnel staged (NEW) and the pending one it replaced, and the tunnel a promotion retired
+    (both still leased: remove their SAs, then release them)."""
+
+    decision: Decision
+    contact_id: int | None
+    tunnel: Tunnel | None
+    replaced: Tunnel | None
+    retired: Tunnel | None
 
 
 def _transport(uri: SipUri, received: Address | None) -> str:
