@@ -162,22 +162,56 @@ class Store:
         with self._tx() as db:
             return self._lease(db, ue_host, avoid)
 
-    def _lease(self, db: sqlite3.Connection, ue_host: str | None, avoid: Iterable[int],
-               ue_ports: tuple[int, ...] = ()) -> Lease:
+    def _lease(self, db: sqlite3.Connection, ue_host: str | None, avoid: Iterable[int]) -> Lease:
+        lease, index = self._choose_lease(db, ue_host, avoid, ())
+        db.execute(
+            "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, leased_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, time.time()))
+        return lease
+
+    def _choose_lease(self, db: sqlite3.Connection, ue_host: str | None, avoid: Iterable[int],
+                      ue_ports: tuple[int, ...]) -> tuple[Lease, int]:
+        """The next free SPI pair and port pair (its index), the cursors moved past them."""
         host = normalize_host(ue_host) if ue_host else None
         cursors = dict(db.execute(
             "SELECT key, value FROM meta WHERE key IN ('next_spi', 'next_port')").fetchall())
         spi_pc = self._free_pair(db, cursors["next_spi"], frozenset(avoid))
         index = self._port_index(db, host, cursors["next_port"], ue_ports)
-        lease = Lease(spi_pc, spi_pc + 1, self.client_port + index, self.server_port + index)
-        db.execute(
-            "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, leased_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, time.time()))
         db.execute("UPDATE meta SET value = CASE key WHEN 'next_spi' THEN ? ELSE ? END"
                    " WHERE key IN ('next_spi', 'next_port')",
                    (self._next_pair(spi_pc), (index + 1) % self.max_connections))
-        return lease
+        return Lease(spi_pc, spi_pc + 1, self.client_port + index,
+                     self.server_port + index), index
+
+    def _lease_tunnel(self, db: sqlite3.Connection, ue: UeSide, avoid: Iterable[int],
+                      build: Callable[[Lease], Tunnel]) -> tuple[Tunnel, int]:
+        """A lease and the tunnel `build` makes of it, written as one row; returns its id."""
+        lease, index = self._choose_lease(db, ue.host, avoid, (ue.port_uc, ue.port_us))
+        t = build(lease)
+        self._refuse_phone_spis_in_use(db, t)
+        tunnel_id = db.execute(
+            "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, leased_at,"
+            " ue_host, spi_uc, spi_us, port_uc, port_us, alg, ealg, pcscf_host, keys_digest,"
+            " offer, security_server, txn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?, ?)",
+            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, time.time(),
+             ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, t.alg, t.ealg,
+             t.pcscf_host, t.keys_digest, t.offer, t.security_server, t.txn)).lastrowid
+        return t, tunnel_id
+
+    @staticmethod
+    def _refuse_phone_spis_in_use(db: sqlite3.Connection, tunnel: Tunnel) -> None:
+        """The kernel can hold one SA per (phone address, SPI): another tunnel with one of
+        these phone SPIs must go first."""
+        ue = tunnel.ue
+        clash = db.execute(
+            "SELECT spi_pc FROM tunnels WHERE ue_host = ? AND spi_pc != ?"
+            " AND (spi_uc IN (?, ?) OR spi_us IN (?, ?))",
+            (ue.host, tunnel.lease.spi_pc, ue.spi_uc, ue.spi_us, ue.spi_uc, ue.spi_us)).fetchone()
+        if clash is not None:
+            raise PhoneSpiInUse(f"{ue.host} SPIs {ue.spi_uc}/{ue.spi_us} are those of the "
+                                f"tunnel on spi-c={clash[0]}")
 
     def _free_pair(self, db: sqlite3.Connection, cursor: int, avoid: frozenset[int]) -> int:
         """First free pair from the cursor on, wrapping once around the range. The pair at
@@ -318,7 +352,10 @@ class Store:
              received.port)).fetchone()
         return found[0] if found is not None else None
 
-    def _save_binding(self, db: sqlite3.Connection, b: Binding) -> int:
+    def _save_binding(self, db: sqlite3.Connection, b: Binding,
+                      pending: int | None = None) -> int:
+        """Insert or refresh the contact of a binding; with `pending`, that tunnel row becomes
+        its pending tunnel in the same row write."""
         parsed = parse_uri(b.uri)
         target = uri_target(parsed)
         transport = _transport(parsed, b.received)
@@ -329,21 +366,23 @@ class Store:
             return db.execute(
                 "INSERT INTO contacts (aor, uri, contact_host, contact_port, via_host,"
                 " via_port, via_proto, received_host, received_port, received_proto, state,"
-                " expires, transport) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " expires, transport, pending_tunnel_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (b.aor, b.uri, target.host, target.port, via.host, via.port, via.proto,
                  received.host, received.port, received.proto, PENDING,
-                 pending_until, transport)).lastrowid
+                 pending_until, transport, pending)).lastrowid
         # a registration that has already ended (a de-registration whose teardown is still
         # due) starts over as pending instead of being swept away
         now = time.time()
         db.execute(
             "UPDATE contacts SET uri = ?, contact_host = ?, contact_port = ?, via_host = ?,"
             " via_port = ?, via_proto = ?, transport = ?,"
+            " pending_tunnel_id = coalesce(?, pending_tunnel_id),"
             " state = CASE WHEN expires <= ? THEN ? ELSE state END,"
             " expires = CASE WHEN state = ? OR expires <= ? THEN ? ELSE expires END"
             " WHERE id = ?",
             (b.uri, target.host, target.port, via.host, via.port, via.proto, transport,
-             now, PENDING, PENDING, now, pending_until, contact_id))
+             pending, now, PENDING, PENDING, now, pending_until, contact_id))
         return contact_id
 
     def set_registered(self, contact_id: int, expires: float, *, uri: str | None = None,
@@ -392,14 +431,7 @@ class Store:
             return self._stage(db, contact_id, tunnel)
 
     def _stage(self, db: sqlite3.Connection, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
-        ue = tunnel.ue
-        clash = db.execute(
-            "SELECT spi_pc FROM tunnels WHERE ue_host = ? AND spi_pc != ?"
-            " AND (spi_uc IN (?, ?) OR spi_us IN (?, ?))",
-            (ue.host, tunnel.lease.spi_pc, ue.spi_uc, ue.spi_us, ue.spi_uc, ue.spi_us)).fetchone()
-        if clash is not None:
-            raise PhoneSpiInUse(f"{ue.host} SPIs {ue.spi_uc}/{ue.spi_us} are those of the "
-                                f"tunnel on spi-c={clash[0]}")
+        self._refuse_phone_spis_in_use(db, tunnel)
         row = self._write_phone_side(db, tunnel)
         old = db.execute(f"SELECT {_TUNNEL_COLUMNS} FROM contacts c JOIN tunnels t"
                          " ON t.id = c.pending_tunnel_id WHERE c.id = ?", (contact_id,)).fetchone()
@@ -473,13 +505,21 @@ class Store:
                 " WHERE c.tunnel_id = t.id) FROM tunnels t WHERE t.ue_host = ?"
                 " AND (t.spi_uc IN (?, ?) OR t.spi_us IN (?, ?))",
                 (ue.host, ue.spi_uc, ue.spi_us, ue.spi_uc, ue.spi_us))]
-            decision = decide(_contact(row) if row is not None else None, clashes)
+            now = _contact(row) if row is not None else None
+            decision = decide(now, clashes)
             tunnel = replaced = None
-            if decision.action in (NEW, KEEP) and isinstance(contact, Binding):
-                contact_id = self._save_binding(db, contact)
-            if decision.action == NEW:
-                tunnel = build(self._lease(db, ue.host, avoid, (ue.port_uc, ue.port_us)))
-                replaced = self._stage(db, contact_id, tunnel)
+            if decision.action == KEEP and isinstance(contact, Binding):
+                self._save_binding(db, contact)
+            elif decision.action == NEW:
+                # one row write each: the tunnel whole, the contact with it as pending
+                tunnel, tunnel_id = self._lease_tunnel(db, ue, avoid, build)
+                if isinstance(contact, Binding):
+                    contact_id = self._save_binding(db, contact, pending=tunnel_id)
+                elif db.execute("UPDATE contacts SET pending_tunnel_id = ? WHERE id = ?",
+                                (tunnel_id, contact_id)).rowcount == 0:
+                    raise UnknownContact(f"contact {contact_id}")
+                if now is not None and now.pending is not None:
+                    replaced = now.pending
             return Challenged(decision, contact_id, tunnel, replaced, retired)
 
     def set_tunnel(self, contact_id: int, tunnel: Tunnel) -> Tunnel | None:

@@ -282,9 +282,9 @@ def test_duplicates_on_every_retry_give_up_with_nothing_leased(pcscf):
 def test_store_failure_when_staging_installs_nothing(pcscf, mocker):
     """The contact vanished between the look-up and the staging (a sweep, another worker):
     the lease and stage transaction rolls back whole, and nothing reaches the kernel."""
-    store = pcscf.module.store
-    mocker.patch.object(store, "_stage", side_effect=UnknownContact("gone"))
-    assert create(pcscf, pending(pcscf)) == -1
+    reg = pending(pcscf)
+    mocker.patch.object(pcscf.module.store, "_save_binding", side_effect=UnknownContact("gone"))
+    assert create(pcscf, reg) == -1
     assert_nothing_left(pcscf)
 
 
