@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import itertools
-import re
-import sqlite3
 import time
 from contextlib import contextmanager
 
 import esp_net
+import invariant
 from pcscf_net import Phone, assert_kernel_matches, assert_no_keys, pcscf_counters, pcscf_states
 
 PROTECTED_PORTS = set(range(5062, 5065))
@@ -36,43 +35,7 @@ def through_esp(phone: Phone, *sa_names: str):
     assert_kernel_matches(phone.link, t)
 
 
-def _flows_of(row: sqlite3.Row) -> tuple[set, set]:
-    """What one stored tunnel must have in the kernel (33.203 7.1, from the test's own table):
-    its 4 SAs as (src, dst, spi) and its 4 policies as (src, sport, dst, dport, dir)."""
-    pc, ue = row["pcscf_host"], row["ue_host"]
-    flows = [(ue, row["port_uc"], pc, row["port_ps"], row["spi_ps"], "in"),
-             (pc, row["port_ps"], ue, row["port_uc"], row["spi_uc"], "out"),
-             (pc, row["port_pc"], ue, row["port_us"], row["spi_us"], "out"),
-             (ue, row["port_us"], pc, row["port_pc"], row["spi_pc"], "in")]
-    return ({(s, d, spi) for s, _, d, _, spi, _ in flows},
-            {(s, sp, d, dp, direction) for s, sp, d, dp, _, direction in flows})
-
-
-def kernel_policies(link) -> set[tuple]:
-    text = esp_net.run("ip", "-n", link.pc, "xfrm", "policy")
-    return {(src, int(sp), dst, int(dp), direction) for src, dst, sp, dp, direction in re.findall(
-        r"^src (\S+?)(?:/\d+)? dst (\S+?)(?:/\d+)?\s.*?sport (\d+) dport (\d+).*?\n\s*dir (\w+)",
-        text, re.M | re.S)}
-
-
-def assert_store_matches_kernel(link, store_path) -> None:
-    """Every tunnel the store holds (in use, pending or still being removed) has exactly its
-    SAs and policies in the P-CSCF's kernel, and the kernel has nothing else: read with
-    sqlite3 and `ip xfrm`, not with the code under test."""
-    db = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        rows = db.execute("SELECT * FROM tunnels WHERE ue_host IS NOT NULL").fetchall()
-    finally:
-        db.close()
-    want_sas, want_pols = set(), set()
-    for row in rows:
-        sas, pols = _flows_of(row)
-        want_sas |= sas
-        want_pols |= pols
-    have_sas = {(s["src"], s["dst"], s["spi"]) for s in pcscf_states(link)}
-    assert have_sas == want_sas, (f"SAs only in the kernel: {sorted(have_sas - want_sas)}; "
-                                  f"only in the store: {sorted(want_sas - have_sas)}")
-    have_pols = kernel_policies(link)
-    assert have_pols == want_pols, (f"policies only in the kernel: {sorted(have_pols - want_pols)};"
-                                    f" only in the store: {sorted(want_pols - have_pols)}")
+def assert_store_matches_kernel(link, store_path, settle: float = 3.0) -> None:
+    """The invariant (tests/kernel/invariant.py): every tunnel a contact uses has exactly its
+    4 SAs and 4 policies in the P-CSCF's kernel, nothing else is there, no lease is leaked."""
+    invariant.assert_holds(link.pc, store_path, settle=settle)

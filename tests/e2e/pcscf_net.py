@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import esp_net
+import invariant
 from esp_net import ADDRS, Link, run
 from ipsec.tunnel import Tunnel
 from ipsec.xfrm.netns import entered
@@ -148,9 +149,22 @@ class Kamailio:
                     out.append(int(entry))
         return out
 
-    def stop(self) -> None:
+    @property
+    def store_path(self) -> Path:
+        return self.run_dir / "ipsec-pcscf.sqlite"
+
+    def stop(self, check: bool = True) -> None:
+        """Stop this Kamailio; first, unless `check` is False, look at the state invariant
+        (tests/kernel/invariant.py) while it still runs, and raise after stopping if it fails."""
         if self.proc is None:
             return
+        found: list[str] = []
+        if check and self.proc.poll() is None and self.store_path.exists():
+            found = invariant.settled_problems(self.link.pc, self.store_path)
+        self._stop()
+        assert not found, "store and kernel disagree:\n  " + "\n  ".join(found[:40])
+
+    def _stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -26,6 +26,7 @@ for _path in (ROOT / "kemi" / "double", ROOT / "tests" / "unit", ROOT):
 
 from cli_json import DOCTOR, DROP, FLUSH, LIST, SHOW, STATS, conforms  # noqa: E402
 from cli_support import Cli, challenged, sockets_of  # noqa: E402
+import invariant  # noqa: E402
 from esp_net import Link, drop_link, make_link, run, udp, ue_install  # noqa: E402
 from ipsec import tunnel  # noqa: E402
 from ipsec.algorithms import esp_algs  # noqa: E402
@@ -55,8 +56,11 @@ def pcscf(tmp_path, net) -> Iterator[Pcscf]:
     p.module.xfrm = Xfrm(netns=net.pc)
     p.module.store.live_tunnels()  # started: the store exists
     yield p
-    p.module.xfrm.close()
-    p.module.store.close()
+    try:
+        invariant.assert_holds(net.pc, p.module.store.path, settle=0, ours_only=True)
+    finally:
+        p.module.xfrm.close()
+        p.module.store.close()
 
 
 @pytest.fixture

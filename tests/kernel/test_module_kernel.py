@@ -18,6 +18,7 @@ for _path in (ROOT / "kemi" / "double", ROOT / "tests" / "unit", ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+import invariant  # noqa: E402
 import KSR  # noqa: E402
 from ipsec import tunnel, warm  # noqa: E402
 from ipsec.algorithms import esp_algs  # noqa: E402
@@ -38,19 +39,34 @@ KERNEL_ALGS = {  # (alg, ealg) -> (auth, crypt, aead) as the kernel reports them
 }
 
 
+_started: dict[int, list[Pcscf]] = {}  # id(Xfrm) -> the P-CSCFs started on it
+
+
 @pytest.fixture
 def xfrm():
+    """A fresh namespace; at the end, after a sweep (Kamailio's timer runs it every second),
+    its kernel state must be what the stores of the P-CSCFs started on it explain, exactly
+    (tests/kernel/invariant.py)."""
     ns = f"modk-{next(_names)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     x = Xfrm(netns=ns)
-    yield x
-    x.close()
-    subprocess.run(["ip", "netns", "del", ns], check=True)
+    _started[id(x)] = []
+    try:
+        yield x
+        started = _started.pop(id(x))
+        for p in started:
+            assert p.module.sweep() == 1
+        for store in [p.module.store.path for p in started] or [None]:
+            invariant.assert_holds(ns, store, settle=0, ours_only=True)
+    finally:
+        x.close()
+        subprocess.run(["ip", "netns", "del", ns], check=True)
 
 
 def start(tmp_path, xfrm: Xfrm, **defines: str) -> Pcscf:
     p = Pcscf.start(str(tmp_path / "ipsec.sqlite"), **defines)
     p.module.xfrm = xfrm
+    _started[id(xfrm)].append(p)
     return p
 
 
@@ -148,6 +164,7 @@ def test_kernel_refusal_leaves_nothing_of_ours(tmp_path, xfrm):
     assert xfrm.states() == []
     assert [(pol.sel, pol.dir) for pol in xfrm.policies()] == [(sel, Dir.OUT)]
     assert p.module.store._db().execute("SELECT COUNT(*) FROM tunnels").fetchone() == (0,)
+    xfrm.delete_policy(sel, Dir.OUT)  # the test's own leftover
 
 
 def test_duplicate_spi_in_the_kernel_takes_the_next_lease(tmp_path, xfrm):
