@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from . import challenge, headers, secagree, tunnel as kernel, warm
-from .algorithms import AlgorithmError, EspAlgs
+from . import challenge, headers, reconcile, secagree, tunnel as kernel, warm
+from .algorithms import AlgorithmError
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
 from .store import Binding, Contact, Lease, Store, StoreError, Tunnel, UeLocks, UeSide
@@ -605,36 +605,19 @@ class Module:
         self.locks.open()
 
     def _reconcile(self, live: list[Tunnel]) -> None:
-        states = {(s.dst, s.spi): s for s in self.xfrm.states(user=self.marker)}
-        keep_sas: set[tuple[str, int]] = set()
-        keep_pols: set[tuple] = set()
-        for t in live:
-            spec = self._spec_of(t)
-            ids = {(sa.dst, sa.spi) for sa in kernel.sas(spec, EspAlgs())}
-            if not ids <= states.keys():
-                self._err(f"start: tunnel spi-c={t.lease.spi_pc} of {t.ue.host} lost SAs in the "
-                          "kernel; its phone must register again")
-                self._forget(t)
-                continue
-            keep_sas |= ids
-            keep_pols |= {_flow(p.dir, p.sel) for p in kernel.policies(spec)}
-        stray_sas = [s.id for key, s in states.items() if key not in keep_sas]
-        stray_pols = [p.id for p in self.xfrm.policies(user=self.marker)
-                      if _flow(p.dir, p.sel) not in keep_pols]
-        self.xfrm.batch([kernel.del_policy(p) for p in stray_pols] +
-                        [kernel.del_sa(s) for s in stray_sas])
-        self._info(f"start: kept {len(live)} live tunnel(s), removed {len(stray_sas)} stray SA(s) "
-                   f"and {len(stray_pols)} stray policy(ies)")
-
-    def _forget(self, t: Tunnel) -> None:
-        """A live tunnel the kernel no longer has whole: its pieces and lease go (its
-        contacts lose it, so requests for them are refused until the phone registers)."""
-        kernel.remove(self.xfrm, self._spec_of(t))
-        self.store.release(t.lease)
-
-
-def _flow(direction: object, sel: object) -> tuple:
-    return (int(direction), sel.src, sel.dst, sel.sport, sel.dport)
+        """Keep the live tunnels the kernel holds whole and exact (4 SAs and 4 policies);
+        drop the others (logged: their phones register again); remove our strays. The
+        kernel goes first: if the store fails after it, the next start drops them again."""
+        plan = reconcile.plan(live, self.xfrm.states(user=self.marker),
+                              self.xfrm.policies(user=self.marker), self.marker)
+        for t, wrong in plan.dropped:
+            self._err(f"start: tunnel spi-c={t.lease.spi_pc} of {t.ue.host} is not whole in the "
+                      f"kernel ({'; '.join(wrong)}); dropped, its phone must register again")
+        reconcile.apply(self.xfrm, plan)
+        self.store.release_all(t.lease for t, _ in plan.dropped)
+        self._info(f"start: kept {len(plan.kept)} live tunnel(s), dropped {len(plan.dropped)}, "
+                   f"removed {len(plan.stray_sas)} stray SA(s) and "
+                   f"{len(plan.stray_policies)} stray policy(ies)")
 
 
 def _ours(what: object, lease: Lease) -> bool:

@@ -4,7 +4,7 @@ to JSON-ready dicts (the text output is rendered from the same dicts, so both al
 A stored tunnel names its 4 SAs and 4 policies exactly: `ipsec.tunnel` builds them from the
 same values when the module installs them, so comparing the kernel's dump with what
 `ipsec.tunnel` would install tells whether the kernel still holds that tunnel, whole and
-unchanged.
+unchanged. The comparison rules are `ipsec.reconcile`'s, the ones start-up acts on.
 """
 from __future__ import annotations
 
@@ -13,15 +13,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ipsec import tunnel as kernel
-from ipsec.algorithms import esp_algs
 from ipsec.params import Params
+from ipsec.reconcile import (SA_NAMES, _alg_names, expected, policy_differences,
+                             sa_differences, spec_of)
 from ipsec.sipuri import hostport, normalize_host
 from ipsec.store import PENDING, REGISTERED, Contact, Lease, Tunnel
 from ipsec.xfrm import SA, Dir, Policy, PolicyInfo, SAInfo, Selector
-from ipsec.xfrm.structs import XFRM_MODE_TRANSPORT
 
-SA_NAMES = ("SA1", "SA2", "SA3", "SA4")  # README / 33.203 7.1 order: uc->ps, ps->uc, pc->us, us->pc
 IN_USE, PENDING_ROLE, UNATTACHED = "in_use", "pending", "unattached"
 
 
@@ -50,56 +48,6 @@ class KernelView:
             view.policies.setdefault(flow_of(p.dir, p.sel), []).append(p)
             view.policy_count += 1
         return view
-
-
-def spec_of(t: Tunnel, marker: int) -> kernel.Tunnel:
-    """The kernel identity of a stored tunnel (keys are not stored and not needed)."""
-    return kernel.Tunnel(t.pcscf_host, t.ue.host, t.lease.port_pc, t.lease.port_ps,
-                         t.ue.port_uc, t.ue.port_us, t.lease.spi_pc, t.lease.spi_ps,
-                         t.ue.spi_uc, t.ue.spi_us, t.alg, t.ealg, bytes(16), bytes(16), marker)
-
-
-def expected(t: Tunnel, marker: int) -> tuple[list[SA], list[Policy]]:
-    """SA1..SA4 and their policies, as the module installs them for this tunnel."""
-    spec = spec_of(t, marker)
-    return kernel.sas(spec, esp_algs(t.alg, t.ealg, bytes(16), bytes(16))), kernel.policies(spec)
-
-
-def _alg_names(sa: SA) -> dict[str, str | None]:
-    a = sa.algs
-    return {"auth": a.auth and a.auth.name, "crypt": a.crypt and a.crypt.name,
-            "aead": a.aead and a.aead.name}
-
-
-def sa_differences(want: SA, have: SAInfo) -> list[str]:
-    """How an SA found under the wanted (destination, SPI) differs from what we install."""
-    diffs = []
-    if have.src != want.src:
-        diffs.append(f"source {have.src}, expected {want.src}")
-    if have.sel != want.sel:
-        diffs.append(f"selector {have.sel} (marker {have.sel.user:#x}), expected {want.sel}")
-    if have.reqid != want.reqid:
-        diffs.append(f"reqid {have.reqid}, expected {want.reqid}")
-    if have.mode != XFRM_MODE_TRANSPORT:
-        diffs.append(f"mode {have.mode}, expected transport")
-    names = _alg_names(want)
-    for kind in ("auth", "crypt", "aead"):
-        if getattr(have, kind) != names[kind]:
-            diffs.append(f"{kind} {getattr(have, kind)}, expected {names[kind]}")
-    return diffs
-
-
-def policy_differences(want: Policy, have: PolicyInfo) -> list[str]:
-    diffs = []
-    if have.sel != want.sel:
-        diffs.append(f"selector {have.sel}, expected {want.sel}")
-    if have.action != 0:
-        diffs.append("action block, expected allow")
-    tmpl = [(t.src, t.dst, t.reqid, t.proto, t.mode) for t in have.templates]
-    w = want.tmpl
-    if tmpl != [(w.src, w.dst, w.reqid, w.proto, w.mode)]:
-        diffs.append(f"template(s) {tmpl or 'none'}, expected reqid {w.reqid} {w.src} -> {w.dst}")
-    return diffs
 
 
 def sa_row(name: str, want: SA, have: SAInfo | None) -> dict:

@@ -184,11 +184,19 @@ class Xfrm:
     def delete_policy(self, sel: Selector, direction: Dir) -> None:
         self._one(codec.del_policy(PolicyId(direction, sel)))
 
-    def _dump(self, msg_type: int, decode: Callable[..., T], user: int | None) -> list[T]:
+    def _dump(self, msg_type: int, decode: Callable[..., T], user: int | None,
+              complete: bool = True) -> list[T]:
+        """Every record, from a dump the kernel did not interrupt (NLM_F_DUMP_INTR: the table
+        changed meanwhile, records may be missing or repeated). After DUMP_ATTEMPTS such
+        dumps it raises (EINTR): a caller deciding what to delete must never act on a partial
+        answer. `complete=False` (flush, which dumps until nothing is left) takes the last."""
         for _ in range(DUMP_ATTEMPTS):
             records, interrupted = self._dump_once(msg_type, decode, user)
             if not interrupted:
                 return records
+        if complete:
+            raise XfrmError("dump", errno.EINTR, _DUMP_WHAT[msg_type],
+                            f"interrupted {DUMP_ATTEMPTS} times: the table kept changing")
         return records
 
     def _dump_once(
@@ -242,8 +250,12 @@ class Xfrm:
         repeat until a dump finds none: entries added meanwhile, or a dump the kernel
         interrupted, do not leave anything of ours behind.
         """
-        policies = self._flush(self.policies, lambda p: codec.del_policy(p.id), user)
-        states = self._flush(self.states, lambda s: codec.del_sa(s.id), user)
+        policies = self._flush(
+            lambda u: self._dump(k.XFRM_MSG_GETPOLICY, codec.decode_policy, u, complete=False),
+            lambda p: codec.del_policy(p.id), user)
+        states = self._flush(
+            lambda u: self._dump(k.XFRM_MSG_GETSA, codec.decode_sa, u, complete=False),
+            lambda s: codec.del_sa(s.id), user)
         return Flushed(states=states, policies=policies)
 
     def _flush(
