@@ -26,6 +26,7 @@ two modules can share a host during a migration without flushing each other's tu
 """
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from ipsec.xfrm import (
     Lifetime,
     Policy,
     PolicyId,
+    PolicyInfo,
     Request,
     SAId,
     Selector,
@@ -142,7 +144,15 @@ def install(x: Xfrm, tunnel: Tunnel) -> None:
     try:
         pol_results = x.batch([new_policy(p) for p in the_policies])
     except BaseException as e:
-        _undo(x, [del_policy(PolicyId(p.dir, p.sel)) for p in the_policies] + added_sas, e)
+        # which policies went in is unknown: remove those that are ours, never a flow's
+        # policy another tunnel holds (a refused EEXIST)
+        try:
+            for r in _remove_policies(x, the_policies):
+                if not isinstance(r, XfrmNotFound):
+                    e.add_note(f"rollback failed: {r}")
+        except OSError as undo_error:
+            e.add_note(f"rollback failed: {undo_error}")
+        _undo(x, added_sas, e)
         raise
     error = _first_error(pol_results)
     if error is not None:
@@ -160,15 +170,44 @@ def remove(x: Xfrm, tunnel: Tunnel) -> list[SAId | PolicyId]:
     return remove_all(x, [tunnel])
 
 
+def holds(want: Policy, have: PolicyInfo) -> bool:
+    """Is the kernel's policy on this flow the tunnel's own: its template names the tunnel's
+    SA (addresses and reqid, which is the SPI)? Another tunnel with the same addresses and
+    ports (a stale one, one the store forgot) would have its own reqid there."""
+    w = want.tmpl
+    return have.sel == want.sel and [(t.src, t.dst, t.reqid, t.proto, t.mode)
+                                     for t in have.templates] == [(w.src, w.dst, w.reqid,
+                                                                   w.proto, w.mode)]
+
+
+def _remove_policies(x: Xfrm, the_policies: Sequence[Policy]) -> list[XfrmError]:
+    """Delete those of the policies the kernel holds as ours, each by its index: removal by
+    selector would take whatever policy holds the flow, even another live tunnel's. Returns
+    a result per policy that was not deleted (not found, or held by another tunnel)."""
+    found = x.get_policies([PolicyId(p.dir, p.sel) for p in the_policies])
+    results: list[XfrmError] = []
+    mine = []
+    for want, have in zip(the_policies, found):
+        if isinstance(have, XfrmError):
+            results.append(have)
+        elif holds(want, have):
+            mine.append(have.id)
+        else:  # another tunnel's policy on the same flow: this one's is gone
+            results.append(XfrmNotFound("delete", errno.ENOENT, PolicyId(want.dir, want.sel),
+                                        f"the flow's policy is another tunnel's (reqid "
+                                        f"{[t.reqid for t in have.templates]})"))
+    return results + [r for r in x.batch([del_policy(pid) for pid in mine]) if r is not None]
+
+
 def remove_all(x: Xfrm, tunnels: Sequence[Tunnel]) -> list[SAId | PolicyId]:
     """Delete every policy of the tunnels, then every SA, in batches; returns the pieces
     that were already gone.
 
-    Policies first, so no policy is ever left without its SA. Every piece is tried; a refusal
-    other than "not found" is raised after all were tried.
+    Policies first, so no policy is ever left without its SA; only a tunnel's own policies
+    (`holds`), by index. Every piece is tried; a refusal other than "not found" is raised
+    after all were tried.
     """
-    pol_results = x.batch([del_policy(PolicyId(p.dir, p.sel))
-                           for t in tunnels for p in policies(t)])
+    pol_results = _remove_policies(x, [p for t in tunnels for p in policies(t)])
     sa_results = x.batch([del_sa(SAId(dst, spi))
                           for t in tunnels for _, _, dst, _, spi, _ in _flows(t)])
     missing: list[SAId | PolicyId] = []

@@ -97,11 +97,13 @@ class Xfrm:
         self._seq += count
         return base
 
-    def batch(self, requests: Sequence[codec.Request]) -> list[XfrmError | None]:
+    def batch(self, requests: Sequence[codec.Request],
+              replies: dict[int, PolicyInfo] | None = None) -> list[XfrmError | None]:
         """Send the requests in bounded datagrams, read every ACK; one result per request.
 
         The kernel handles each message of a datagram on its own: one refusal does not stop
-        the others, so callers decide what a partial failure means.
+        the others, so callers decide what a partial failure means. `replies` collects the
+        policies GETPOLICY requests are answered with, by request position.
         """
         results: list[XfrmError | None] = [None] * len(requests)
         with self._lock:
@@ -109,9 +111,17 @@ class Xfrm:
             start = 0
             while start < len(requests):
                 end, base = self._send_chunk(sock, requests, start)
-                self._read_acks(sock, requests, start, end, base, results)
+                self._read_acks(sock, requests, start, end, base, results, replies)
                 start = end
         return results
+
+    def get_policies(self, ids: Sequence[PolicyId]) -> list[PolicyInfo | XfrmError]:
+        """The policies on these selectors and directions, as the kernel holds them (an
+        XfrmNotFound where there is none), in one batch."""
+        replies: dict[int, PolicyInfo] = {}
+        errors = self.batch([codec.get_policy(pid) for pid in ids], replies)
+        return [e if e is not None else replies.get(i) or XfrmNotFound(
+                    "get", errno.ENOENT, ids[i], "no answer") for i, e in enumerate(errors)]
 
     def _send_chunk(
         self, sock: socket.socket, requests: Sequence[codec.Request], start: int
@@ -147,6 +157,7 @@ class Xfrm:
         end: int,
         base: int,
         results: list[XfrmError | None],
+        replies: dict[int, PolicyInfo] | None = None,
     ) -> None:
         pending = end - start
         view = memoryview(self._buf)
@@ -163,6 +174,10 @@ class Xfrm:
                         req = requests[start + k_]
                         results[start + k_] = xfrm_error(req.op, err, req.what, detail)
                     pending -= 1
+                elif (msg_type == k.XFRM_MSG_NEWPOLICY and replies is not None
+                      and 0 <= k_ < end - start):
+                    replies[start + k_] = codec.decode_policy(
+                        view, off + codec.HDR.size, off + length)
                 off += (length + 3) & ~3
                 if length < codec.HDR.size:
                     break

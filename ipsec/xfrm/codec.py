@@ -180,6 +180,13 @@ def del_policy(policy_id: PolicyId) -> Request:
     return Request("delete", policy_id, k.XFRM_MSG_DELPOLICY, REQUEST_ACK, body)
 
 
+def get_policy(policy_id: PolicyId) -> Request:
+    """XFRM_MSG_GETPOLICY by selector and direction: the kernel answers with the policy
+    (an XFRM_MSG_NEWPOLICY message with this request's sequence number), then the ACK."""
+    body = _selector(policy_id.sel) + _USERPOLICY_ID_TAIL.pack(policy_id.index, policy_id.dir)
+    return Request("get", policy_id, k.XFRM_MSG_GETPOLICY, REQUEST_ACK, body)
+
+
 def dump_request(msg_type: int, seq: int) -> bytes:
     return HDR.pack(HDR.size, msg_type, k.NLM_F_REQUEST | k.NLM_F_DUMP, seq, 0)
 

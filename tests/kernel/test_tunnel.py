@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -82,11 +83,11 @@ def test_broken_socket_during_policies_removes_the_sas(x, mocker):
     real = x.batch
     calls = []
 
-    def batch(requests):
+    def batch(requests, replies=None):
         calls.append(len(requests))
         if len(calls) == 2:
             raise OSError("injected: netlink socket failed")
-        return real(requests)
+        return real(requests, replies)
 
     mocker.patch.object(x, "batch", side_effect=batch)
     with pytest.raises(OSError, match="injected"):
@@ -178,3 +179,24 @@ def test_hard_lifetime_expires_sas_and_policies_together(x):
     while not _empty(x) and time.monotonic() < deadline:
         time.sleep(0.25)
     assert _empty(x)
+
+
+def test_removing_a_tunnel_never_takes_the_policies_another_holds_on_the_same_flows(x):
+    """Two tunnels on the same addresses and ports (a stale record, phones reusing addresses
+    and ports): the kernel holds one policy per flow. The second's install is refused and
+    rolled back; removing it afterwards (as the sweep removes a stale lease) leaves the
+    first's policies, which name the first's SAs, in place (before: removal by selector took
+    them, leaving SAs without policies)."""
+    first = tunnel_for(next(_index), 4)
+    install(x, first)
+    second = replace(first, spi_pc=first.spi_pc + 100, spi_ps=first.spi_ps + 100,
+                     spi_uc=first.spi_uc + 100, spi_us=first.spi_us + 100)
+    with pytest.raises(XfrmExists):
+        install(x, second)
+    before = {(p.dir, p.sel, p.templates) for p in x.policies(MARKER)}
+    assert len(before) == 4
+    gone = remove(x, second)
+    assert len(gone) == 8  # its 4 SAs were rolled back, its 4 flows' policies are the first's
+    assert {(p.dir, p.sel, p.templates) for p in x.policies(MARKER)} == before
+    assert {s.spi for s in x.states(MARKER)} == spis(first)
+    assert remove(x, first) == [] and _empty(x)

@@ -118,6 +118,16 @@ class FakeKernel:
             raise AssertionError(f"unexpected netlink request type {r.type}")
         return None
 
+    def get_policies(self, ids) -> list:
+        """As Xfrm.get_policies: the policy on each selector and direction, or not found."""
+        out = []
+        for pid in ids:
+            err = self.refuse(codec.get_policy(pid))
+            found = self.policies_by_id.get((pid.dir, pid.sel))
+            out.append(xfrm_error("get", err, pid) if err else found if found is not None
+                       else XfrmNotFound("get", errno.ENOENT, pid))
+        return out
+
     def _policy_key(self, pid) -> tuple[Dir, Selector] | None:
         if pid.sel is not None:
             key = (pid.dir, pid.sel)

@@ -113,6 +113,26 @@ def test_dropping_a_tunnel_leaves_the_policies_a_kept_tunnel_holds_on_its_flows(
     assert [r[0] for r in leases(pcscf)] == [contact.tunnel.lease.spi_pc]
 
 
+def test_the_sweep_removing_a_stale_lease_leaves_a_live_tunnels_policies_on_the_same_flows(
+        pcscf):
+    """A lease no contact uses, whose tunnel has the addresses and ports of a live one (its
+    install was refused, or its worker died before releasing it): the sweep removes it, and
+    the live tunnel keeps its 4 policies (removal by selector took them: SAs, no policies)."""
+    pcscf.registered()
+    db = pcscf.module.store._db()
+    cur = db.execute("SELECT * FROM tunnels")
+    row = dict(zip([d[0] for d in cur.description], cur.fetchone()))
+    del row["id"]
+    row.update(spi_pc=9000, spi_ps=9001, spi_uc=7001, spi_us=7002, leased_at=row["leased_at"] - 3600)
+    db.execute(f"INSERT INTO tunnels ({','.join(row)}) VALUES ({','.join('?' * len(row))})",
+               tuple(row.values()))
+    before = ours(pcscf)
+    pcscf.clock.advance(120)
+    assert pcscf.module.sweep() == 1
+    assert ours(pcscf) == before
+    assert [r[0] for r in leases(pcscf)] == [contact_of(pcscf).tunnel.lease.spi_pc]
+
+
 class _KernelThatInterruptsDumps(FakeKernel):
     def states(self, user=None):
         raise XfrmError("dump", errno.EINTR, "SAs", "interrupted 5 times")
