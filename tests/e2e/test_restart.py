@@ -1,7 +1,12 @@
 """Kamailio restarted between two protected requests: no re-registration needed."""
 from __future__ import annotations
 
+import re
+
+import esp_net
+import invariant
 from checks import through_esp
+from esp_net import run
 from pcscf_net import Phone, pcscf_policy_count, pcscf_states
 from sip import token
 
@@ -20,5 +25,35 @@ def test_restart_keeps_tunnels(link, scscf, kamailio):
     kamailio.start()
     assert sorted(s["spi"] for s in pcscf_states(link)) == before
     assert pcscf_policy_count(link) == 4
+    with through_esp(phone, "sa1", "sa3"):
+        _message(phone)
+
+
+def test_restart_drops_a_tunnel_whose_policies_are_gone_and_its_phone_registers_again(
+        link, scscf, kamailio):
+    """What a kill between the SA batch and the policy batch leaves: a live tunnel's 4 SAs
+    without their policies (the kernel would take the phone's cleartext). Real Kamailio's
+    start-up drops it, logs why, and leaves store and kernel in agreement; the phone
+    registers again and its requests go through ESP."""
+    phone = Phone(link, scscf, user="halfway")
+    phone.full_registration()
+    t = phone.tunnel
+    kamailio.stop()
+    ports = {(sport, dport) for _, sport, _, dport, _, _ in esp_net.ue_flows(t)}
+    doomed = [(index, direction) for sport, dport, direction, index in re.findall(
+        r"^src \S+ dst \S+ sport (\d+) dport (\d+).*?\n\s*dir (\w+) .*?index (\d+)",
+        run("ip", "-n", link.pc, "-s", "xfrm", "policy"), re.M) if (int(sport), int(dport)) in ports]
+    assert len(doomed) == 4, doomed
+    run("ip", "-n", link.pc, "-batch", "-", stdin="".join(
+        f"xfrm policy delete index {index} dir {direction}\n" for index, direction in doomed))
+    kamailio.start()
+    assert re.search(rf"start: tunnel spi-c={t.spi_pc} of {re.escape(t.ue)} is not whole in the "
+                     r"kernel \(.*policy in missing.*\); dropped", kamailio.log())
+    assert not {t.spi_pc, t.spi_ps, t.spi_uc, t.spi_us} & {s["spi"] for s in pcscf_states(link)}
+    invariant.assert_holds(link.pc, kamailio.store_path)
+    phone.drop_sas(t)
+    phone.tunnel = None
+    phone.new_offer()
+    phone.full_registration()
     with through_esp(phone, "sa1", "sa3"):
         _message(phone)
