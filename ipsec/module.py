@@ -457,10 +457,12 @@ class Module:
         return msg.ruri() if flags & USE_NEW_RURI else msg.original_ruri()
 
     def contact_for_request(self, msg: Message, flags: int = 0) -> Contact | None:
-        """The registered phone a request from the core is for."""
+        """The registered phone a request from the core is for (see Store.find_by_uri: the
+        contact must own the URI's address, or be of the AoR the request is for)."""
         return self.store.find_by_uri(self._search_uri(msg, flags),
                                       use_alias=not flags & NO_ALIAS,
-                                      newest_first=not flags & REVERSE_SEARCH)
+                                      newest_first=not flags & REVERSE_SEARCH,
+                                      aor=_to_aor(msg))
 
     def _reply_path(self, msg: Message, flags: int) -> int:
         contact = self.tunnel_contact(msg)
@@ -523,7 +525,7 @@ class Module:
             c = self.tunnel_contact(msg.request())
             found = [c] if c else []
         else:
-            c = self.store.find_by_uri(msg.ruri())
+            c = self.store.find_by_uri(msg.ruri(), aor=_to_aor(msg))
             found = [c] if c else []
         if not found:
             raise Refused(f"no contact for {aor or msg.ruri()}")
@@ -646,6 +648,15 @@ def _noted_tunnel(msg: Message) -> tuple[int, int] | None:
     ipsec_forward noted them in the request route; None where it did not."""
     contact_id, spi = msg.noted(NOTE_CONTACT), msg.noted(NOTE_TUNNEL)
     return (contact_id, spi) if contact_id is not None and spi is not None else None
+
+
+def _to_aor(msg: RequestView) -> str | None:
+    """The AoR a request is for (its To), or None when the To is no SIP URI (tel:, garbage):
+    then only the owner of the R-URI's address may take it."""
+    try:
+        return headers.aor(msg.first_header("To"))
+    except (headers.HeaderError, SipUriError):
+        return None
 
 
 def _binding_of(req: RequestView) -> Binding:

@@ -581,25 +581,36 @@ class Store:
 
     # -- look-ups: one per rule of the module functions ---------------------------------------
 
-    def find_by_uri(self, uri: str, *, use_alias: bool = True,
-                    newest_first: bool = True) -> Contact | None:
-        """The contact a request is addressed to (R-URI, destination URI or new R-URI).
+    def find_by_uri(self, uri: str, *, use_alias: bool = True, newest_first: bool = True,
+                    aor: str | None = None) -> Contact | None:
+        """The registered phone a request is addressed to (R-URI, destination URI or new R-URI).
 
         With an `alias=ip~port~proto` parameter (and `use_alias`), the phone is where the alias
         says: its received address, or its contact port on that host. Without, the URI's own
-        host and port are the contact URI's, or a received address. Callers fall back to
-        `find_by_source` / `find_by_received` with the message's source when this finds none.
+        host and port are the contact URI's, or a received address.
+
+        Only a registered contact with a tunnel in use is a candidate (a pending one has
+        proved nothing), and only one that owns the address: the URI's host is where its SAs
+        go, or the request is for its AoR (`aor`: the request's To). Among several, the one
+        of that AoR first, then the newest (`newest_first`) or oldest. So a REGISTER naming
+        someone else's contact URI, authenticated or not, never takes that phone's requests.
         """
         parsed = parse_uri(uri)
         alias = alias_target(parsed) if use_alias else None
         if alias is not None:
-            return self._first(
-                "c.received_host = ? AND ? IN (c.received_port, c.contact_port)",
-                (alias.host, alias.port), newest_first)
-        target = uri_target(parsed)
-        return self._first(
-            "(c.contact_host = ? AND c.contact_port = ?) OR (c.received_host = ?"
-            " AND c.received_port = ?)", (target.host, target.port) * 2, newest_first)
+            host, where = alias.host, "c.received_host = ?1 AND ?2 IN (c.received_port, c.contact_port)"
+            port = alias.port
+        else:
+            target = uri_target(parsed)
+            host, port = target.host, target.port
+            where = ("((c.contact_host = ?1 AND c.contact_port = ?2)"
+                     " OR (c.received_host = ?1 AND c.received_port = ?2))")
+        order = "c.id DESC" if newest_first else "c.id"
+        rows = self._query(
+            f"{_CONTACT_SELECT} WHERE {where} AND c.state = ?3 AND c.tunnel_id IS NOT NULL"
+            f" AND (t.ue_host = ?1 OR c.aor = ?4) ORDER BY (c.aor = ?4) DESC, {order} LIMIT 1",
+            (host, port, REGISTERED, aor))
+        return _contact(rows[0]) if rows else None
 
     def find_by_source(self, host: str, port: int, *,
                        newest_first: bool = True) -> Contact | None:
