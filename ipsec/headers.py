@@ -52,6 +52,7 @@ def aor(to_value: str | None) -> str:
     """The AoR of a REGISTER: its To URI without parameters (sip:user@domain)."""
     if not to_value:
         raise HeaderError("no To header")
+    to_value = _FOLD.sub(" ", to_value)
     if _CONTROL.search(to_value):
         raise HeaderError("control character in To")
     uri, _ = _uri_and_params(to_value)
@@ -82,7 +83,8 @@ def expires_of(contact_params: dict[str, str], expires_header: str | None, defau
 
 
 _VIA = re.compile(r"\s*SIP\s*/\s*2\.0\s*/\s*(?P<proto>[A-Za-z]+)\s+(?P<host>\[[^\]]+\]|[^\s;:]+)"
-                  r"(?:\s*:\s*(?P<port>[0-9]+))?", re.I)
+                  r"(?:\s*:\s*(?P<port>[0-9]+))?\s*(?=;|$)", re.I)
+_FOLD = re.compile(r"\r?\n[ \t]+")  # header folding (RFC 3261 7.3.1) is white space
 # C0 controls but tab, and DEL (a raw CR/LF/ESC in a To would reach the store and every log line)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 

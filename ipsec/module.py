@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 
 from . import challenge, headers, secagree, tunnel as kernel, warm
 from .algorithms import AlgorithmError, EspAlgs
+from .logtext import clean
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
 from .store import Binding, Contact, Lease, Store, StoreError, Tunnel, UeLocks, UeSide
@@ -161,10 +162,10 @@ class Module:
 
     # -- logging ------------------------------------------------------------------------------
     def _err(self, text: str) -> None:
-        self.log.err(f"ims-ipsec: {text}\n")
+        self.log.err(f"ims-ipsec: {clean(text)}\n")
 
     def _info(self, text: str) -> None:
-        self.log.info(f"ims-ipsec: {text}\n")
+        self.log.info(f"ims-ipsec: {clean(text)}\n")
 
     # -- where a message stands ---------------------------------------------------------------
     def _pcscf_host(self, ue_host: str) -> str:
@@ -377,7 +378,7 @@ class Module:
                     raise Refused(f"the phone's SAs clash with ones in the kernel "
                                   f"(it must offer new SPIs and ports): {e}") from None
                 avoid |= {lease.spi_pc, lease.spi_ps}
-                self.log.warn(f"ims-ipsec: SPI already in the kernel, leasing another: {e}\n")
+                self.log.warn(f"ims-ipsec: SPI already in the kernel, leasing another: {clean(e)}\n")
                 continue
             except BaseException:
                 self.store.release(lease)
@@ -458,11 +459,16 @@ class Module:
 
     def contact_for_request(self, msg: Message, flags: int = 0) -> Contact | None:
         """The registered phone a request from the core is for (see Store.find_by_uri: the
-        contact must own the URI's address, or be of the AoR the request is for)."""
-        return self.store.find_by_uri(self._search_uri(msg, flags),
-                                      use_alias=not flags & NO_ALIAS,
-                                      newest_first=not flags & REVERSE_SEARCH,
-                                      aor=_to_aor(msg))
+        contact must own the URI's address, or be of the AoR the request is for). None for a
+        URI no phone can have registered (tel:, unreadable): the caller answers as for an
+        unknown phone."""
+        try:
+            return self.store.find_by_uri(self._search_uri(msg, flags),
+                                          use_alias=not flags & NO_ALIAS,
+                                          newest_first=not flags & REVERSE_SEARCH,
+                                          aor=_to_aor(msg))
+        except SipUriError:
+            return None
 
     def _reply_path(self, msg: Message, flags: int) -> int:
         contact = self.tunnel_contact(msg)

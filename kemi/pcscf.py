@@ -20,6 +20,7 @@ from kemi.imports import defer_pyroute2_init  # noqa: E402
 
 defer_pyroute2_init()  # before ipsec.xfrm imports pyroute2.netlink: a smaller heap to fork
 
+from ipsec.logtext import clean  # noqa: E402
 from ipsec.module import Module, ModuleError  # noqa: E402
 from ipsec.params import ParamError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
@@ -58,7 +59,7 @@ def _guarded(on_error):
                 return callback(self, *args)
             except Exception as e:  # noqa: BLE001
                 KSR.err("ims-ipsec: %s: internal error %s: %s\n"
-                        % (callback.__name__, type(e).__name__, e))
+                        % (callback.__name__, type(e).__name__, clean(e)))
                 on_error()
                 return -1
         return run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import KSR
 
 from ipsec import headers
+from ipsec.logtext import clean
 from ipsec.module import Module
 from ipsec.sipuri import SipUriError, hostport, parse_uri
 
@@ -58,7 +59,7 @@ class Routing:
         if msg.source().host == self.next_hop_host:
             return self._to_phone(msg)
         KSR.info("ims-ipsec: %s from %s refused: not protected and not from the core\n"
-                 % (method, msg.source().host))
+                 % (clean(method), msg.source().host))
         KSR.sl.sl_send_reply(403, "Forbidden - Use Protected Port")
         return 1
 
@@ -73,7 +74,7 @@ class Routing:
             return True
         if created < 0:
             KSR.err("ims-ipsec: %s from %s: no transaction (%d)\n"
-                    % (msg.method(), msg.source(), created))
+                    % (clean(msg.method()), msg.source(), created))
             KSR.sl.sl_reply_error()
         return False  # 0: a retransmission, TM has resent the last reply
 
@@ -96,7 +97,7 @@ class Routing:
         contact = self.m.tunnel_contact(msg)
         if contact is None:
             KSR.err("ims-ipsec: %s from %s on a protected port: unknown tunnel\n"
-                    % (method, msg.source()))
+                    % (clean(method), msg.source()))
             KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")
             return 1
         if self.m.ipsec_forward(msg, self.domain) < 0:  # replies to the phone: through its SAs
