@@ -24,6 +24,7 @@ from ipsec.logtext import clean  # noqa: E402
 from ipsec.module import Module, ModuleError  # noqa: E402
 from ipsec.params import ParamError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
+from kemi.replies import drop as drop_reply, stray_reply  # noqa: E402
 from kemi.routing import Routing, refuse_challenge  # noqa: E402
 from kemi.workers import StartError, Workers, ensure_open_files  # noqa: E402
 
@@ -95,8 +96,9 @@ class kamailio:
     def ksr_request_route(self, msg):
         return self.r.request(KsrMessage())
 
+    @_guarded(drop_reply)
     def ksr_reply_route(self, msg):
-        return 1
+        return stray_reply(KsrMessage())
 
     @_guarded(_fail_challenge)
     def ksr_register_reply(self, msg):

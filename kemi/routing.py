@@ -49,7 +49,9 @@ class Routing:
         if method == "OPTIONS" and not KSR.pv.get("$rU") and KSR.is_myself_ruri() > 0:
             KSR.sl.sl_send_reply(200, "OK")
             return 1
-        if method == "CANCEL" or (method == "ACK" and KSR.tm.t_check_trans() > 0):
+        if method == "CANCEL":
+            return self._cancel(msg)
+        if method == "ACK" and KSR.tm.t_check_trans() > 0:
             KSR.tm.t_relay()  # follows its transaction (INVITE's destination and socket)
             return 1
         if self.m.is_protected(msg):
@@ -61,6 +63,23 @@ class Routing:
         KSR.info("ims-ipsec: %s from %s refused: not protected and not from the core\n"
                  % (clean(method), msg.source().host))
         KSR.sl.sl_send_reply(403, "Forbidden - Use Protected Port")
+        return 1
+
+    def _cancel(self, msg) -> int:
+        """A CANCEL follows its INVITE's transaction, and only from where INVITEs come from:
+        through a phone's SAs or from the core. One for no transaction we hold is answered
+        481 here, never relayed (before: relayed statelessly, from our trusted address)."""
+        if (self.m.tunnel_contact(msg) is None if self.m.is_protected(msg)
+                else msg.source().host != self.next_hop_host):
+            KSR.info("ims-ipsec: CANCEL from %s refused: not through known SAs and not from"
+                     " the core\n" % msg.source())
+            KSR.sl.sl_send_reply(403, "Forbidden")
+            return 1
+        if KSR.tm.t_check_trans() < 0:
+            KSR.info("ims-ipsec: CANCEL from %s for no transaction: 481\n" % msg.source())
+            KSR.sl.sl_send_reply(481, "Call/Transaction Does Not Exist")
+            return 1
+        KSR.tm.t_relay()  # follows its transaction (INVITE's destination and socket)
         return 1
 
     def _new_transaction(self, msg) -> bool:

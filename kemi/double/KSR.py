@@ -175,6 +175,7 @@ class Record:
     on_failure: str | None = None
     avps: dict[str, object] = field(default_factory=dict)  # the transaction's $avp(...)
     relay_result: int = 1
+    dropped: bool = False  # KSR.x.drop(): the message goes no further (a reply: not forwarded)
     logs: dict[str, list[str]] = field(
         default_factory=lambda: {"info": [], "warn": [], "err": [], "dbg": []})
 
@@ -246,9 +247,11 @@ def _load_reply(raw: str, request: str | Relay, *,
                 request_source: Source = ("10.0.0.2", 5060, "udp"),
                 request_local: Local = ("10.0.0.1", 5060),
                 source: Source = ("10.0.0.9", 5060, "udp"),
-                local: Local = ("10.0.0.1", 5060)) -> Record:
+                local: Local = ("10.0.0.1", 5060), in_transaction: bool = True) -> Record:
     """A reply arrives for a transaction: its request is a Relay recorded earlier (as TM
-    cloned it at t_relay), or raw text received from `request_source` on `request_local`."""
+    cloned it at t_relay), or raw text received from `request_source` on `request_local`.
+    `in_transaction=False`: it matches none (t_check_trans answers -1; the core would forward
+    it statelessly after the reply route)."""
     msg = parse(raw)
     if msg.is_request:
         raise ValueError("KSR double: _load_reply needs a reply")
@@ -258,7 +261,7 @@ def _load_reply(raw: str, request: str | Relay, *,
     else:
         req = _View(parse(raw=request), _source(request_source), request_local)
     rec = _local.rec = Record(view=_View(msg, _source(source), local), request=req,
-                              in_transaction=True, avps=avps)
+                              in_transaction=in_transaction, avps=avps)
     return rec
 
 
@@ -612,6 +615,11 @@ def _change_reply_status(code: int, reason: str) -> int:
     return 1
 
 
+def _drop() -> int:
+    _r().dropped = True
+    return 0
+
+
 pv = _Namespace("pv", get=_pv_get, seti=_pv_seti)
 hdr = _Namespace("hdr", append=_hdr_append, remove=_hdr_remove, is_present=_hdr_is_present,
                  append_to_reply=_hdr_append_to_reply)
@@ -627,6 +635,7 @@ siputils = _Namespace("siputils", has_totag=_has_totag)
 maxfwd = _Namespace("maxfwd", process_maxfwd=_process_maxfwd)
 textopsx = _Namespace("textopsx", change_reply_status=_change_reply_status)
 kx = _Namespace("kx", get_def=lambda name: _defs.get(name, ""))
+x = _Namespace("x", drop=_drop)
 setdsturi = _setdsturi
 is_myself_ruri = _is_myself_ruri
 

@@ -1,0 +1,47 @@
+"""Replies that match no transaction: the core forwards them statelessly along their Via once
+the KEMI reply route returns, and whatever that route left in them leaves with them.
+
+A 401 from the S-CSCF that comes late (after fr_timer, or after a restart, when its REGISTER's
+transaction is gone) still carries CK and IK in WWW-Authenticate: forwarded, it reaches the
+phone in clear text on its unprotected port. Such a reply cannot be protected (ipsec_create
+needs the transaction's REGISTER) and the phone has retried or given up by then: it is dropped.
+So is any reply to a REGISTER without a transaction (none passes without the module's
+handling) and any reply whose challenge carries ck=/ik=. Other stray replies (a 2xx to an
+INVITE retransmitted after its transaction ended) go on as before.
+"""
+from __future__ import annotations
+
+import re
+
+import KSR
+
+from ipsec.logtext import clean
+
+# a ck or ik parameter anywhere in a challenge (a quoted "ck=" counts too: dropping is safe)
+_KEYS = re.compile(r"(?:^|[\s,;])(?:ck|ik)\s*=", re.I)
+CHALLENGES = ("WWW-Authenticate", "Proxy-Authenticate")
+
+
+def carries_keys(msg) -> bool:
+    return any(_KEYS.search(msg.header(name) or "") for name in CHALLENGES)
+
+
+def stray_reply(msg) -> int:
+    """The reply route: 1 lets the reply go on (TM, or the core's stateless forward); a reply
+    that must not leave is dropped (KSR.x.drop) and 0 returned."""
+    if KSR.tm.t_check_trans() > 0:
+        return 1
+    cseq = (msg.first_header("CSeq") or "").split()
+    method = cseq[1].upper() if len(cseq) > 1 else ""
+    keys = carries_keys(msg)
+    if method != "REGISTER" and not keys:
+        return 1
+    KSR.info("ims-ipsec: %s to %s from %s matches no transaction: dropped%s\n"
+             % (msg.status(), clean(method or "?"), msg.source(),
+                ", its challenge carries CK/IK" if keys else ""))
+    drop()
+    return 0
+
+
+def drop() -> None:
+    KSR.x.drop()
