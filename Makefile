@@ -66,8 +66,11 @@ export $(RUN_DEFINES)
 run: install
 	tools/run-pcscf
 
+# 200,000 headers at the sec-agree parsers, then 1,000,000 whole messages through the routing
+# (tests/fuzz_sip.py; FUZZ_ARGS='--count N --seed S --jobs J' to change it).
 fuzz: install
 	$(PY) -m tests.fuzz_secagree
+	$(PY) -m tests.fuzz_sip $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) $(STAMP) *.egg-info

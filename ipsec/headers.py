@@ -106,5 +106,6 @@ def top_via(value: str | None) -> Address:
 
 
 def option_tags(value: str | None) -> list[str]:
-    """The option tags of a Require/Proxy-Require/Supported value, as written."""
-    return [t.strip() for t in (value or "").split(",") if t.strip()]
+    """The option tags of a Require/Proxy-Require/Supported value, as written but for white
+    space (a folded value's CRLF never goes back into a header we write)."""
+    return [" ".join(t.split()) for t in (value or "").split(",") if t.strip()]

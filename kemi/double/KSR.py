@@ -539,7 +539,11 @@ def _uri_hostport(uri: str) -> tuple[str, int | None]:
 
 
 def _is_myself(uri: str) -> bool:
-    host, port = _uri_hostport(uri)
+    """False for a URI Kamailio cannot parse (check_self answers no)."""
+    try:
+        host, port = _uri_hostport(uri)
+    except ValueError:
+        return False
     return any(h == host and (port or 5060) == p for _, h, p in _sockets)
 
 
@@ -560,6 +564,10 @@ def _loose_route() -> int:
     routes = [r.strip() for body in view.msg.bodies("Route") for r in body.split(",")]
     if not routes:
         return -1
+    try:
+        _uri_hostport(routes[0])
+    except ValueError:
+        return -1  # rr cannot parse the top Route's URI: an error, nothing changed
     if _is_myself(routes[0]):
         double = "r2=on" in routes.pop(0).lower()
         if double and routes and _is_myself(routes[0]):
@@ -595,10 +603,12 @@ MAXFWD_MAX_LIMIT = 70  # the maxfwd module's max_limit parameter (default)
 
 def _process_maxfwd(limit: int) -> int:
     """2: header added with `limit`; 1: decremented (values above the module's max_limit
-    first lowered to it); -1: it was 0 (too many hops)."""
+    first lowered to it); -1: it was 0 (too many hops); -2: not a number (maxfwd's error)."""
     view = _request_only("process_maxfwd")
     for i, (name, body) in enumerate(view.msg.headers):
         if _canon(name) == "max-forwards":
+            if not re.fullmatch(r"[0-9]{1,3}", body.strip()) or int(body) > 255:
+                return -2
             value = int(body)
             if value == 0:
                 return -1

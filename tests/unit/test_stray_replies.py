@@ -62,3 +62,23 @@ def test_replies_of_a_transaction_are_left_to_tm(app):
     rec = arrives(reply_to(reg, 401, "Unauthorized", (f"WWW-Authenticate: {challenge()}",)),
                   reg, in_transaction=True)
     assert app.ksr_reply_route(None) == 1 and not rec.dropped
+
+
+@pytest.mark.parametrize("code,header", [(200, "WWW-Authenticate"), (401, "Proxy-Authenticate"),
+                                         (407, "Proxy-Authenticate"), (403, "WWW-Authenticate")])
+def test_keys_in_any_other_challenge_of_a_transaction_are_removed(app, code, header):
+    """Found by tests/fuzz_sip.py: a 200 OK to REGISTER carrying a WWW-Authenticate with
+    ck/ik was forwarded as it came (only a 401's WWW-Authenticate went through ipsec_create)."""
+    reg = register()
+    rec = arrives(reply_to(reg, code, "Whatever", (f"{header}: {challenge()}",)), reg,
+                  in_transaction=True)
+    assert app.ksr_reply_route(None) == 1 and not rec.dropped
+    assert rec.values(header) == [] and "with CK/IK removed" in rec.log_text()
+
+
+def test_the_401_to_register_keeps_its_keys_for_ipsec_create(app):
+    reg = register()
+    rec = arrives(reply_to(reg, 401, "Unauthorized", (f"WWW-Authenticate: {challenge()}",)),
+                  reg, in_transaction=True)
+    app.ksr_reply_route(None)
+    assert rec.values("WWW-Authenticate") == [challenge()]
