@@ -29,7 +29,7 @@ def carries_keys(msg) -> bool:
 
 def stray_reply(msg) -> int:
     """The reply route: 1 lets the reply go on (TM, or the core's stateless forward); a reply
-    that must not leave is dropped (KSR.x.drop) and 0 returned.
+    that must not leave is dropped (KSR.set_drop) and 0 returned.
 
     A reply of a transaction keeps its keys only where ipsec_create takes them out: the
     WWW-Authenticate of a 401 to REGISTER. Anywhere else (a 200 or a 407 with ck=, a
@@ -62,4 +62,4 @@ def _strip_keys(msg, method: str, keep_www: bool) -> None:
 
 
 def drop() -> None:
-    KSR.x.drop()
+    KSR.set_drop()  # core KEMI: DROP_R_F, the reply is not forwarded (5.6: no KSR.x.drop in Python)

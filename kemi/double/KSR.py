@@ -175,7 +175,7 @@ class Record:
     on_failure: str | None = None
     avps: dict[str, object] = field(default_factory=dict)  # the transaction's $avp(...)
     relay_result: int = 1
-    dropped: bool = False  # KSR.x.drop(): the message goes no further (a reply: not forwarded)
+    dropped: bool = False  # KSR.set_drop(): the message goes no further (a reply: not forwarded)
     logs: dict[str, list[str]] = field(
         default_factory=lambda: {"info": [], "warn": [], "err": [], "dbg": []})
 
@@ -645,7 +645,7 @@ siputils = _Namespace("siputils", has_totag=_has_totag)
 maxfwd = _Namespace("maxfwd", process_maxfwd=_process_maxfwd)
 textopsx = _Namespace("textopsx", change_reply_status=_change_reply_status)
 kx = _Namespace("kx", get_def=lambda name: _defs.get(name, ""))
-x = _Namespace("x", drop=_drop)
+set_drop = _drop
 setdsturi = _setdsturi
 is_myself_ruri = _is_myself_ruri
 

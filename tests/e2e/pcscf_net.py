@@ -190,6 +190,10 @@ class Scscf:
         # answer each challenged REGISTER a second time, with other keys, as a stateless core
         # answers TM's retransmission: TM relays the first 401 only
         self.second_challenge = False
+        # answer REGISTERs with a 401 (with keys) whose P-CSCF Via branch matches no
+        # transaction: what a late answer looks like once TM has forgotten its REGISTER
+        self.stray_challenge = False
+        self.silent = False  # answer nothing (the hostile-input flood)
         self.paths: dict[str, str] = {}
         self.seen: list[Msg] = []
         self.replies: "queue.Queue[Msg]" = queue.Queue()
@@ -208,6 +212,8 @@ class Scscf:
                 data, _ = self.sock.recvfrom(65535)
             except TimeoutError:
                 continue
+            if self.silent:
+                continue  # hostile input relayed by the P-CSCF: not ours to parse
             msg = parse(data)
             self.seen.append(msg)
             if not msg.is_request:
@@ -238,6 +244,12 @@ class Scscf:
             self._answer(req, r)
             return
         ck, ik = self.fixed_keys or (secrets.token_bytes(16), secrets.token_bytes(16))
+        if self.stray_challenge:
+            r = self._challenge(req, ck, ik)
+            name, top = r.headers[0]
+            r.headers[0] = (name, re.sub(r"branch=[^;,\s]+", "branch=z9hG4bKgone", top))
+            self._answer(req, r)
+            return
         self._answer(req, self._challenge(req, ck, ik))
         if self.second_challenge:
             self._answer(req, self._challenge(req, secrets.token_bytes(16), secrets.token_bytes(16)))
