@@ -575,6 +575,7 @@ class Module:
             released = self.store.reset_leases_if_empty()
             kernel.remove_all(self.xfrm, [self._spec_of(t) for t in released
                                           if isinstance(t, Tunnel)])
+            self.store.checkpoint()
             return 1
         except Exception as e:  # noqa: BLE001 - a timer callback must not raise into Kamailio
             self._err(f"sweep: {type(e).__name__}: {e}")

@@ -133,6 +133,12 @@ class Store:
         with _sqlite_errors(self.path):
             return self._db().execute(sql, args).fetchall()
 
+    def checkpoint(self) -> None:
+        """Copy what the WAL holds into the database file without waiting for anyone
+        (PASSIVE): called from the expiry sweep's timer, so no SIP worker pays for it."""
+        with _sqlite_errors(self.path):
+            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
     def close(self) -> None:
         """Close this process's connection (a later call reopens it). Calling it in the main
         process before Kamailio forks keeps the children from inheriting an open one."""

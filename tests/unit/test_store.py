@@ -554,3 +554,25 @@ def test_keep_tunnel_only_with_reuse_same_keys_and_same_phone_side(store):
     assert not keep_tunnel(current, current.ue, store.keys_digest(CK, CK), True)
     moved = UeSide("10.0.0.1", 31, 32, 6100, 6200)
     assert not keep_tunnel(current, moved, same, reuse_server_port=True)
+
+
+def test_workers_leave_the_wal_checkpoint_to_the_sweep(store, tmp_path):
+    # a worker's commit would otherwise copy the WAL into the file every 1,000 pages, in the
+    # middle of somebody's REGISTER; the sweep's timer calls checkpoint() instead
+    store.checkpoint()  # the schema into the file
+    store.lease()
+    assert store._query("PRAGMA wal_autocheckpoint")[0][0] > 1000
+
+    def tunnels_in_the_file_alone() -> int:
+        copy = tmp_path / "file-alone.db"
+        copy.write_bytes(open(store.path, "rb").read())  # without its -wal
+        db = sqlite3.connect(copy)
+        try:
+            return db.execute("SELECT count(*) FROM tunnels").fetchone()[0]
+        finally:
+            db.close()
+            copy.unlink()
+
+    assert tunnels_in_the_file_alone() == 0
+    store.checkpoint()
+    assert tunnels_in_the_file_alone() == 1
