@@ -36,6 +36,10 @@ DEFAULTS: dict[str, str] = {
     "EXPIRY_GRACE": "30",
     "CHILDREN": "4",
     "IPSEC_CHILDREN": "1",
+    "PENDING_LIFETIME": "30",
+    "PENDING_PER_HOST": "8",
+    "PENDING_PER_AOR": "4",
+    "REKEY_RESERVE": "10",
 }
 SIP_PORT = 5060  # kamailio.cfg's unprotected listen lines
 STORE_FILE = "ipsec-pcscf.sqlite"
