@@ -17,6 +17,10 @@ transaction, the module acts on the `Verdict`):
   contact anywhere gives its pair up instead. A re-key that finds no pair free does the same.
   So a flood shortens how long an unconfirmed tunnel waits for its phone, never whether a
   registered phone can re-key.
+- A re-key evicts the unconfirmed contacts whose tunnels use the phone ports it offers on
+  its address: the phone proved those ports its own through its SAs, while an unconfirmed
+  tunnel on them (a spoofed REGISTER offering them) would make its new SAs clash in the
+  kernel and the re-key fail.
 - Unconfirmed tunnels, and pending ones of registered contacts, live `pending_lifetime`
   seconds (the sweep removes them), not the 240 s the C module's temporary SAs had.
 """
@@ -69,13 +73,15 @@ class Pressure:
     `rekey`: it came through a phone's SAs. `free_pairs`: SPI pairs nobody holds. `host`,
     `aor`: the unconfirmed contacts on the phone's address and of its AoR, oldest first,
     this REGISTER's own contact left out. `oldest`: the oldest unconfirmed contacts anywhere
-    (a few, oldest first), for when the pool itself is short."""
+    (a few, oldest first), for when the pool itself is short. `squatters`: unconfirmed
+    contacts whose tunnels use the phone ports this challenge offers, on its address."""
 
     rekey: bool
     free_pairs: int
     host: tuple[int, ...] = ()
     aor: tuple[int, ...] = ()
     oldest: tuple[int, ...] = ()
+    squatters: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ class Verdict:
 
 def weigh(limits: Limits, p: Pressure) -> Verdict:
     if p.rekey:
+        if p.squatters:
+            return Verdict(p.squatters)
         if p.free_pairs > 0 or not p.oldest:
             return Verdict()  # no pair at all: the lease itself says so
         return Verdict(p.oldest[:1])

@@ -563,7 +563,11 @@ class Store:
                      f" AND {_UNCONFIRMED} ORDER BY c.pending_tunnel_id LIMIT ?",
                      (len(skip) + _OLDEST_SHOWN,))
         if isinstance(contact, int):
-            return Pressure(True, free, oldest=oldest)
+            squatters = ids(
+                f"SELECT c.id FROM tunnels t JOIN contacts c ON c.pending_tunnel_id = t.id"
+                f" WHERE t.ue_host = ?1 AND (t.port_uc IN (?2, ?3) OR t.port_us IN (?2, ?3))"
+                f" AND {_UNCONFIRMED}", (ue.host, ue.port_uc, ue.port_us))
+            return Pressure(True, free, oldest=oldest, squatters=squatters)
         host = ids(f"SELECT c.id FROM tunnels t JOIN contacts c ON c.pending_tunnel_id = t.id"
                    f" WHERE t.ue_host = ? AND {_UNCONFIRMED} ORDER BY t.id", (ue.host,))
         aor = ids(f"SELECT c.id FROM contacts c JOIN tunnels t ON t.id = c.pending_tunnel_id"

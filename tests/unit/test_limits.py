@@ -250,3 +250,8 @@ def test_an_eviction_is_logged_with_the_contact_and_the_tunnel(pcscf):
     text = KSR._rec.log_text()
     assert "contact 1: unconfirmed tunnel 10.0.0.2 spi-c=" in text and "evicted" in text
     assert OFFER not in text
+
+
+def test_a_rekey_evicts_unconfirmed_tunnels_on_its_own_phone_ports():
+    assert weigh(L, Pressure(True, 50, squatters=(3,), oldest=(1,))) == Verdict((3,))
+    assert weigh(L, Pressure(False, 50, squatters=(3,))) == Verdict()

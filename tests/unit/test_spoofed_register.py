@@ -93,3 +93,21 @@ def test_a_phone_that_lost_its_sas_registers_again_from_its_address(pcscf):
         f"Contact: <sip:alice@{UE}:33001>;expires=600",)))
     (c,) = pcscf.module.store.find_by_aor(AOR)
     assert c.uri == f"sip:alice@{UE}:33001" and c.tunnel.ue.port_uc == 33000
+
+
+def test_a_rekey_is_not_blocked_by_a_pending_tunnel_on_the_phones_ports(pcscf):
+    """The shadow tunnel holds the other port pair with the victim's port_us: the victim's
+    re-key (keeping its port_us, 33.203 7.4) needs a pair whose SAs would clash with either
+    its own or the shadow's. The shadow, unconfirmed, goes; before, the re-key failed."""
+    server = pcscf.registered()
+    spoofed(pcscf, source=(UE, 5070), aor=MALLORY, contact=f"sip:mallory@{UE}:5070")
+    rekey_offer = (OFFER.replace("spi-c=1111", "spi-c=5555").replace("spi-s=2222", "spi-s=6666")
+                   .replace(f"port-c={PORT_UC}", "port-c=32000"))
+    raw = register(security_client=rekey_offer, security_verify=server, via=f"{UE}:{PORT_UC}",
+                   cseq=3)
+    rec = pcscf.request(raw, source=(UE, PORT_UC, "udp"),
+                        local=(PCSCF, int(server_param(server, "port-s"))))
+    rec = pcscf.register_reply(rec.relays[0], reply_to(raw, 401, "Unauthorized", (
+        f"WWW-Authenticate: {challenge()}",)))
+    assert rec.values("Security-Server"), rec.log_text()
+    assert [c.aor for c in pcscf.module.store.contacts_matching(host=UE)] == [AOR]
