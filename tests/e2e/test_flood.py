@@ -112,7 +112,8 @@ class Flood:
                     pass
                 self.sent += 1
             next_at += step
-            self._drain(max(0.0, next_at - time.monotonic()))
+            while (left := next_at - time.monotonic()) > 0:
+                self._drain(left)
 
     def _drain(self, timeout: float) -> None:
         ready, _, _ = select.select(self.socks, [], [], timeout)
@@ -232,10 +233,15 @@ def test_a_flood_is_capped_while_phones_rekey_and_register(link, scscf, kamailio
     # (plus the new phones', each unconfirmed between its 401 and its protected REGISTER)
     assert rows.most["unconfirmed"] <= PER_HOST * len(FLOOD_HOSTS) + len(newcomers)
     assert rows.most["tunnels"] <= PER_HOST * len(FLOOD_HOSTS) + 2 * len(registered + newcomers)
-    # after PENDING_LIFETIME nothing of the flood is left: the phones' tunnels only
-    time.sleep(LIFETIME + 3)
-    now = rows.now()
-    assert now == {"contacts": 4, "tunnels": 4, "unconfirmed": 0}, now
+    # nothing of the flood is left PENDING_LIFETIME after its last challenge: the phones'
+    # tunnels only (TM retransmits a REGISTER whose 401 was lost in the queue, so the core's
+    # last challenges come up to fr_timer after the flood)
+    want = {"contacts": 4, "tunnels": 4, "unconfirmed": 0}
+    t0 = time.monotonic()
+    while (now := rows.now()) != want and time.monotonic() - t0 < LIFETIME + 45:
+        time.sleep(0.5)
+    assert now == want, now
+    print(f"the flood's rows and SAs gone {time.monotonic() - t0:.1f} s after it stopped")
     assert len(pcscf_states(link)) == 4 * 4
     print(f"Kamailio RSS {LIFETIME + 3} s after the flood: {rss_kb(kamailio)} kB")
     for phone in registered + newcomers:
