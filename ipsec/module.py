@@ -371,7 +371,7 @@ class Module:
                 evictions += 1
                 if evictions > EVICTION_ROUNDS:
                     break
-                spare |= self._evict(done.evict, ue.host)
+                spare |= self._evict(done.evict)
                 continue
             d = done.decision
             if d.action == challenge.REFUSE:
@@ -410,7 +410,7 @@ class Module:
                           "tunnels (other workers took the pairs freed)")
         raise Refused(f"the kernel refused {DUPLICATE_RETRIES} SPI leases as duplicates")
 
-    def _evict(self, victims: tuple[tuple[int, str], ...], own_host: str) -> set[int]:
+    def _evict(self, victims: tuple[tuple[int, str], ...]) -> set[int]:
         """Unconfirmed contacts out to make room (ipsec/limits.py chose them), each under its
         phone's lock, so that no worker is installing its SAs meanwhile. A lock another
         worker holds is not waited for (two evicting workers would wait for each other):
