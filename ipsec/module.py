@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from . import challenge, headers, secagree, tunnel as kernel, warm
+from . import challenge, headers, limits as flood, secagree, tunnel as kernel, warm
 from .algorithms import AlgorithmError, EspAlgs
 from .logtext import clean
+from .limits import Limits
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
 from .store import Binding, Contact, Lease, Store, StoreError, Tunnel, UeLocks, UeSide
@@ -43,6 +44,8 @@ NOTE_CONTACT = "ipsec_contact"
 NOTE_TUNNEL = "ipsec_tunnel"
 
 DUPLICATE_RETRIES = 3
+# Rounds of evictions (ipsec/limits.py) one challenge may go through before it gives up
+EVICTION_ROUNDS = 3
 DEFAULT_EXPIRES = 3600
 # A tunnel whose last reply is still on its way (200 OK to a de-REGISTER) is removed by the
 # sweep this long after ipsec_destroy, never by the reply route itself.
@@ -129,6 +132,7 @@ class Module:
     log: Log
     locks: UeLocks
     expiry_grace: float = 30.0
+    limits: Limits = Limits()
     marker: int = kernel.MARKER
     clock: Callable[[], float] = time.time
 
@@ -141,15 +145,17 @@ class Module:
         run_dir = (get_def("RUN_DIR") or "").strip('"') or "/var/run/kamailio"
         path = params.ipsec_store or os.path.join(run_dir, "ipsec-pcscf.sqlite")
         grace = (get_def("EXPIRY_GRACE") or "30").strip('"')
+        limits = Limits.from_defines(get_def, params.ipsec_spi_id_range // 2)
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             store = Store(path, spi_start=params.ipsec_spi_id_start,
                           spi_range=params.ipsec_spi_id_range,
                           client_port=params.ipsec_client_port,
                           server_port=params.ipsec_server_port,
-                          max_connections=params.ipsec_max_connections)
+                          max_connections=params.ipsec_max_connections,
+                          pending_lifetime=limits.pending_lifetime)
             return cls(params, store, Xfrm(), log, UeLocks(path + ".lock"),
-                       expiry_grace=float(grace))
+                       expiry_grace=float(grace), limits=limits)
         except (OSError, ValueError, StoreError) as e:
             raise ModuleError(f"store {path}: {e}") from None
 
@@ -195,7 +201,7 @@ class Module:
         src, local = req.source(), req.local()
         if not self._on_protected_port(local):
             return None
-        contact = self.store.find_by_source(src.host, src.port)
+        contact = self.store.find_by_flow(src.host, src.port, local.port)
         if contact is None:
             return None
         for t in (contact.tunnel, contact.pending):
@@ -352,11 +358,22 @@ class Module:
                                     bool(self.params.ipsec_reuse_server_port),
                                     isinstance(key, int))
 
+        def weigh(pressure: flood.Pressure) -> flood.Verdict:
+            return flood.weigh(self.limits, pressure)
+
         avoid: set[int] = set()
-        for _ in range(DUPLICATE_RETRIES + 2):
-            done = self.store.challenge(key, through, ue, decide, build, avoid)
+        spare: set[int] = set()  # unconfirmed contacts another worker holds the lock of
+        evictions = 0
+        for _ in range(DUPLICATE_RETRIES + 2 + EVICTION_ROUNDS):
+            done = self.store.challenge(key, through, ue, decide, build, avoid, weigh, spare)
             self._retire(done.retired)
             through = None  # promoted (or not) once
+            if done.evict:
+                evictions += 1
+                if evictions > EVICTION_ROUNDS:
+                    break
+                spare |= self._evict(done.evict)
+                continue
             d = done.decision
             if d.action == challenge.REFUSE:
                 raise Refused(f"contact {done.contact_id}: {d.reason}")
@@ -389,7 +406,30 @@ class Module:
                        f"spi-s={lease.spi_ps} port-c={lease.port_pc} port-s={lease.port_ps} "
                        f"alg={offer.alg} ealg={offer.ealg}")
             return record.security_server
+        if evictions > EVICTION_ROUNDS:
+            raise Refused(f"no room after {EVICTION_ROUNDS} rounds of evicting unconfirmed "
+                          "tunnels (other workers took the pairs freed)")
         raise Refused(f"the kernel refused {DUPLICATE_RETRIES} SPI leases as duplicates")
+
+    def _evict(self, victims: tuple[tuple[int, str], ...]) -> set[int]:
+        """Unconfirmed contacts out to make room (ipsec/limits.py chose them), each under its
+        phone's lock, so that no worker is installing its SAs meanwhile. A lock another
+        worker holds is not waited for (two evicting workers would wait for each other):
+        that contact is spared and returned, and another is chosen. (Our own phone's lock
+        is already held: taking it again is a no-op.)"""
+        spared: set[int] = set()
+        for contact_id, host in victims:
+            with self.locks.try_held(host) as locked:
+                if not locked:
+                    spared.add(contact_id)
+                    continue
+                gone = self.store.evict([contact_id])
+                if gone:
+                    self._remove_tunnels(gone)
+                    self._info(f"contact {contact_id}: unconfirmed tunnel {host} spi-c="
+                               f"{gone[0].lease.spi_pc} evicted to make room (limits of "
+                               f"pending tunnels, see README: Security model)")
+        return spared
 
     def _kernel_tunnel(self, pcscf: str, ue: UeSide, lease: Lease, alg: str, ealg: str,
                        ck: bytes = bytes(16), ik: bytes = bytes(16)) -> kernel.Tunnel:
@@ -410,6 +450,15 @@ class Module:
             if missing:
                 self._info(f"{len(missing)} piece(s) of {len(tunnels)} tunnel(s) were already gone")
         self.store.release_all(t.lease if isinstance(t, Tunnel) else t for t in found)
+
+    def _drop_stale_pending(self, now: float) -> None:
+        """Pending tunnels whose phone did not come back through them in PENDING_LIFETIME."""
+        stale = self.store.drop_stale_pending(self.limits.pending_lifetime, now)
+        if stale:
+            self._remove_tunnels([t for _, t in stale])
+            for c, t in stale:
+                self._info(f"contact {c.id} {c.aor}: pending tunnel spi-c={t.lease.spi_pc} "
+                           f"unused for {self.limits.pending_lifetime:.0f} s, removed")
 
     def _remove_unused(self) -> None:
         self._remove_tunnels(self.store.stale_leases(older_than=STALE_LEASE_AGE, now=self.clock()))
@@ -571,6 +620,7 @@ class Module:
                     [c.id for c in expired], expired_at=(now, self.expiry_grace)))
                 for c in expired:
                     self._info(f"contact {c.id} {c.aor}: expired, removed")
+            self._drop_stale_pending(now)
             self._remove_unused()
             released = self.store.reset_leases_if_empty()
             kernel.remove_all(self.xfrm, [self._spec_of(t) for t in released

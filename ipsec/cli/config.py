@@ -37,6 +37,10 @@ DEFAULTS: dict[str, str] = {
     "CHILDREN": "4",
     "IPSEC_CHILDREN": "1",
     "TCP_LIFETIME": "120",
+    "PENDING_LIFETIME": "30",
+    "PENDING_PER_HOST": "8",
+    "PENDING_PER_AOR": "4",
+    "REKEY_RESERVE": "10",
 }
 SIP_PORT = 5060  # kamailio.cfg's unprotected listen lines
 STORE_FILE = "ipsec-pcscf.sqlite"

@@ -313,12 +313,16 @@ def test_save_pending_records_and_refreshes_one_contact(store):
     assert pending(store, aor="sip:bob@ims.example").id != c.id
 
 
-def test_a_re_register_through_the_tunnel_refreshes_the_registered_contact(store):
+def test_an_unprotected_register_leaves_a_registered_binding_as_it_is(store):
+    """From the phone's tunnel ports or its unprotected address, with its AoR: the same
+    contact, unchanged (anyone can spoof that source; only a REGISTER through the SAs, or
+    the core's 200 OK, changes a registered binding: `register`). Before, the Contact URI,
+    Via and transport were rewritten (issue 10, finding 6)."""
     c = registered_with_tunnel(store)
-    again = store.save_pending(c.aor, "sip:alice@10.0.0.1:6200",
-                               Address("10.0.0.1", 6100, "tcp"), Address("10.0.0.1", 6100, "tcp"))
-    assert again.id == c.id
-    assert (again.state, again.expires, again.via.port) == (REGISTERED, c.expires, 6100)
+    for src in (Address("10.0.0.1", 6100, "tcp"), c.received):
+        again = store.save_pending(c.aor, "sip:mallory@10.9.9.9:7000", src, src)
+        assert again.id == c.id
+        assert again == c
 
 
 def test_set_registered_and_unknown_contacts(store):
