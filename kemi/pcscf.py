@@ -22,6 +22,7 @@ defer_pyroute2_init()  # before ipsec.xfrm imports pyroute2.netlink: a smaller h
 
 from ipsec.module import Module, ModuleError  # noqa: E402
 from ipsec.params import ParamError  # noqa: E402
+from kemi.core import Core, CoreError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
 from kemi.routing import Routing, refuse_challenge  # noqa: E402
 from kemi.workers import StartError, Workers, ensure_open_files  # noqa: E402
@@ -45,7 +46,13 @@ def mod_init():
         return None
     finally:
         module.close()  # every worker opens its own store connection and netlink socket
-    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN), started)
+    try:
+        core = Core.from_defines(KSR.kx.get_def)
+    except CoreError as e:
+        KSR.err("ims-ipsec: refusing to start: %s\n" % e)
+        return None
+    KSR.info("ims-ipsec: %s\n" % core.trust_line())
+    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN, core), started)
 
 
 def _guarded(on_error):

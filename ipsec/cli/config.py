@@ -36,6 +36,7 @@ DEFAULTS: dict[str, str] = {
     "EXPIRY_GRACE": "30",
     "CHILDREN": "4",
     "IPSEC_CHILDREN": "1",
+    "CORE_PORT": "5060",  # the core socket's port, when CORE_IP gives the core one
 }
 SIP_PORT = 5060  # kamailio.cfg's unprotected listen lines
 STORE_FILE = "ipsec-pcscf.sqlite"
