@@ -259,8 +259,10 @@ class Pcscf:
         return rec
 
     def registered(self, *, offer: str = OFFER, ue: str = UE, port: int = 5060,
-                   aor: str = AOR, proto: str = "udp", expires: int = 600) -> str:
-        """An initial registration through to its 200 OK; returns the Security-Server sent."""
+                   aor: str = AOR, proto: str = "udp", expires: int = 600,
+                   ok_extra: tuple[str, ...] = ()) -> str:
+        """An initial registration through to its 200 OK (with `ok_extra` headers); returns
+        the Security-Server sent."""
         reg = register(aor=aor, contact=f"sip:alice@{ue}:{port}", via=f"{ue}:{port}",
                        proto=proto.upper(), security_client=offer, expires=expires)
         rec = self.request(reg, source=(ue, port, proto))
@@ -277,7 +279,7 @@ class Pcscf:
         rec = self.request(protected, source=(ue, port_uc, proto), local=(PCSCF, port_ps))
         assert rec.relays, rec.log_text()
         rec = self.register_reply(rec.relays[0], reply_to(protected, 200, "OK", (
-            f"Contact: <sip:alice@{ue}:{port}>;expires={expires}",)))
+            f"Contact: <sip:alice@{ue}:{port}>;expires={expires}", *ok_extra)))
         return server
 
 
