@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from . import challenge, headers, limits as flood, secagree, tunnel as kernel, warm
+from . import challenge, headers, identities, limits as flood, secagree, tunnel as kernel, warm
 from .algorithms import AlgorithmError, EspAlgs
 from .logtext import clean
 from .limits import Limits
@@ -254,8 +254,11 @@ class Module:
             if through is not None:
                 self._retire(self.store.promote(contact_id, through))
             return 1
-        self._retire(self.store.register(contact_id, self.clock() + expires, uri=uri,
-                                         received=req.source(), through=through))
+        self._retire(self.store.register(
+            contact_id, self.clock() + expires, uri=uri, received=req.source(), through=through,
+            associated=identities.registered(msg.header("P-Associated-URI"),
+                                             req.first_header("To")),
+            service_route=identities.uri_list(msg.header("Service-Route"))))
         return 1
 
     def is_deregistration(self, msg: Message) -> bool:

@@ -23,6 +23,7 @@ defer_pyroute2_init()  # before ipsec.xfrm imports pyroute2.netlink: a smaller h
 from ipsec.logtext import clean  # noqa: E402
 from ipsec.module import Module, ModuleError  # noqa: E402
 from ipsec.params import ParamError  # noqa: E402
+from kemi.core import Core, CoreError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
 from kemi.replies import drop as drop_reply, stray_reply  # noqa: E402
 from kemi.routing import Routing, refuse_challenge  # noqa: E402
@@ -47,7 +48,13 @@ def mod_init():
         return None
     finally:
         module.close()  # every worker opens its own store connection and netlink socket
-    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN), started)
+    try:
+        core = Core.from_defines(KSR.kx.get_def)
+    except CoreError as e:
+        KSR.err("ims-ipsec: refusing to start: %s\n" % e)
+        return None
+    KSR.info("ims-ipsec: %s\n" % core.trust_line())
+    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN, core), started)
 
 
 def _guarded(on_error):

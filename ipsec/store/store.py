@@ -34,7 +34,8 @@ _SCAN_WINDOW = 512  # SPIs examined per query when looking for a free pair
 
 _CONTACT_COLUMNS = """
     c.id, c.aor, c.uri, c.via_host, c.via_port, c.via_proto,
-    c.received_host, c.received_port, c.received_proto, c.state, c.expires, c.transport"""
+    c.received_host, c.received_port, c.received_proto, c.state, c.expires, c.transport,
+    c.associated, c.service_route"""
 _TUNNEL_COLUMNS = """
     t.spi_pc, t.spi_ps, t.port_pc, t.port_ps, t.ue_host, t.spi_uc, t.spi_us, t.port_uc,
     t.port_us, t.alg, t.ealg, t.pcscf_host, t.keys_digest, t.offer, t.security_server, t.txn"""
@@ -418,12 +419,18 @@ class Store:
             return self._get(db, contact_id)
 
     def register(self, contact_id: int, expires: float, *, uri: str, received: Address,
-                 through: int | None) -> Tunnel | None:
+                 through: int | None, associated: tuple[str, ...] | None = None,
+                 service_route: tuple[str, ...] | None = None) -> Tunnel | None:
         """`set_registered`, and, when the REGISTER came through the contact's pending
         tunnel (`through` is its spi_pc), `promote` in the same transaction. Returns the
-        tunnel a promotion replaced, as `promote` does."""
+        tunnel a promotion replaced, as `promote` does. `associated` / `service_route`
+        (the 200 OK's URIs) replace the contact's, when given."""
         with self._tx() as db:
             self._register(db, contact_id, expires, uri, received)
+            if associated is not None or service_route is not None:
+                db.execute("UPDATE contacts SET associated = coalesce(?, associated),"
+                           " service_route = coalesce(?, service_route) WHERE id = ?",
+                           (_lines(associated), _lines(service_route), contact_id))
             return self._promote(db, contact_id, through) if through is not None else None
 
     def _register(self, db: sqlite3.Connection, contact_id: int, expires: float,
@@ -873,12 +880,19 @@ def _address(addr: Address) -> Address:
     return Address(addr.host, addr.port, addr.proto)
 
 
+def _lines(uris: tuple[str, ...] | None) -> str | None:
+    """URIs one per line (a URI read from a header holds no line break)."""
+    return None if uris is None else "\n".join(u for u in uris if "\n" not in u)
+
+
 def _contact(row: tuple) -> Contact:
     used, staged = row[_NC:_NC + _NT], row[_NC + _NT:_NC + 2 * _NT]
     return Contact(id=row[0], aor=row[1], uri=row[2], via=Address(row[3], row[4], row[5]),
                    received=Address(row[6], row[7], row[8]), state=row[9], expires=row[10],
                    transport=row[11], tunnel=_tunnel(used) if used[4] is not None else None,
-                   pending=_tunnel(staged) if staged[4] is not None else None)
+                   pending=_tunnel(staged) if staged[4] is not None else None,
+                   associated=tuple(row[12].split("\n")) if row[12] else (),
+                   service_route=tuple(row[13].split("\n")) if row[13] else ())
 
 
 def _tunnel(row: tuple) -> Tunnel:

@@ -650,6 +650,14 @@ setdsturi = _setdsturi
 is_myself_ruri = _is_myself_ruri
 
 
+def is_myself(uri: str) -> int:
+    """KSR.is_myself: 1 when the URI's host:port is one of our listen sockets, else -1."""
+    try:
+        return 1 if _is_myself(uri) else -1
+    except ValueError:
+        return -1
+
+
 def info(text: str) -> None:
     _log("info", text)
 

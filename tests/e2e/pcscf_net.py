@@ -195,6 +195,8 @@ class Scscf:
         self.stray_challenge = False
         self.silent = False  # answer nothing (the hostile-input flood)
         self.paths: dict[str, str] = {}
+        self.pcscf_port = 5060  # where its requests enter the P-CSCF (a core socket: CORE_PORT)
+        self.associated: list[str] = []  # the 200 OK's P-Associated-URI (none when empty)
         self.seen: list[Msg] = []
         self.replies: "queue.Queue[Msg]" = queue.Queue()
         self._stop = threading.Event()
@@ -241,6 +243,8 @@ class Scscf:
             if req.get("Path"):
                 r.add("Path", req.get("Path"))
                 self.paths[aor] = req.get("Path")
+            if self.associated:
+                r.add("P-Associated-URI", ", ".join(f"<{u}>" for u in self.associated))
             self._answer(req, r)
             return
         ck, ik = self.fixed_keys or (secrets.token_bytes(16), secrets.token_bytes(16))
@@ -277,8 +281,8 @@ class Scscf:
         self._answer(req, reply(req, 200, "OK", to_tag=token()))
 
     def request(self, msg: Msg) -> None:
-        """Send a request into the P-CSCF (port 5060)."""
-        self._send(msg, (self.addr, 5060))
+        """Send a request into the P-CSCF (port 5060, or its core socket's port)."""
+        self._send(msg, (self.addr, self.pcscf_port))
 
     def wait_reply(self, status: int, cseq_method: str, timeout: float = WAIT) -> Msg:
         deadline = time.monotonic() + timeout

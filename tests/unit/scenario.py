@@ -260,8 +260,9 @@ class Pcscf:
 
     def registered(self, *, offer: str = OFFER, ue: str = UE, port: int = 5060,
                    aor: str = AOR, proto: str = "udp", expires: int = 600,
-                   contact: str | None = None) -> str:
-        """An initial registration through to its 200 OK; returns the Security-Server sent."""
+                   contact: str | None = None, ok_extra: tuple[str, ...] = ()) -> str:
+        """An initial registration through to its 200 OK (with `ok_extra` headers); returns
+        the Security-Server sent."""
         contact = contact or f"sip:alice@{ue}:{port}"
         reg = register(aor=aor, contact=contact, via=f"{ue}:{port}",
                        proto=proto.upper(), security_client=offer, expires=expires)
@@ -279,7 +280,7 @@ class Pcscf:
         rec = self.request(protected, source=(ue, port_uc, proto), local=(PCSCF, port_ps))
         assert rec.relays, rec.log_text()
         rec = self.register_reply(rec.relays[0], reply_to(protected, 200, "OK", (
-            f"Contact: <{contact}>;expires={expires}",)))
+            f"Contact: <{contact}>;expires={expires}", *ok_extra)))
         return server
 
 
