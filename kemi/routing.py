@@ -67,7 +67,7 @@ class Routing:
         through a phone's SAs or from the core. One for no transaction we hold is answered
         481 here, never relayed (before: relayed statelessly, from our trusted address)."""
         if (self.m.tunnel_contact(msg) is None if self.m.is_protected(msg)
-                else msg.source().host != self.next_hop_host):
+                else not self.core.from_core(msg)):
             KSR.info("ims-ipsec: CANCEL from %s refused: not through known SAs and not from"
                      " the core\n" % msg.source())
             KSR.sl.sl_send_reply(403, "Forbidden")
