@@ -61,13 +61,16 @@ load: install
 RUN_DEFINES := PCSCF_IP PCSCF_IP6 NEXT_HOP IPSEC_LISTEN_ADDR IPSEC_LISTEN_ADDR6 IPSEC_CLIENT_PORT \
   IPSEC_SERVER_PORT IPSEC_MAX_CONNECTIONS IPSEC_SPI_ID_START IPSEC_SPI_ID_RANGE \
   IPSEC_PREFERRED_ALG IPSEC_PREFERRED_EALG IPSEC_REUSE_SERVER_PORT IPSEC_LISTEN_NAME \
-  IPSEC_LISTEN_AGNAME IPSEC_STORE RUN_DIR EXPIRY_GRACE CHILDREN IPSEC_CHILDREN
+  IPSEC_LISTEN_AGNAME IPSEC_STORE RUN_DIR EXPIRY_GRACE CHILDREN IPSEC_CHILDREN CORE_IP CORE_PORT
 export $(RUN_DEFINES)
 run: install
 	tools/run-pcscf
 
+# 200,000 headers at the sec-agree parsers, then 1,000,000 whole messages through the routing
+# (tests/fuzz_sip.py; FUZZ_ARGS='--count N --seed S --jobs J' to change it).
 fuzz: install
 	$(PY) -m tests.fuzz_secagree
+	$(PY) -m tests.fuzz_sip $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) $(STAMP) *.egg-info

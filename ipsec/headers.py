@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from .sipuri import Address, SipUriError, normalize_host, parse_uri
+from .sipuri import Address, SipUriError, is_digits, normalize_host, parse_uri
 
 
 class HeaderError(ValueError):
@@ -52,6 +52,9 @@ def aor(to_value: str | None) -> str:
     """The AoR of a REGISTER: its To URI without parameters (sip:user@domain)."""
     if not to_value:
         raise HeaderError("no To header")
+    to_value = _FOLD.sub(" ", to_value)
+    if _CONTROL.search(to_value):
+        raise HeaderError("control character in To")
     uri, _ = _uri_and_params(to_value)
     try:
         parsed = parse_uri(uri)
@@ -73,21 +76,25 @@ def expires_of(contact_params: dict[str, str], expires_header: str | None, defau
     """A contact's expiry in seconds: its own `expires` parameter, else the Expires header."""
     for raw in (contact_params.get("expires"), expires_header):
         if raw is not None and raw.strip() != "":
-            if not raw.strip().isdigit():
+            if not is_digits(raw.strip()):
                 raise HeaderError(f"bad expires value {raw!r}")
             return int(raw.strip())
     return default
 
 
 _VIA = re.compile(r"\s*SIP\s*/\s*2\.0\s*/\s*(?P<proto>[A-Za-z]+)\s+(?P<host>\[[^\]]+\]|[^\s;:]+)"
-                  r"(?:\s*:\s*(?P<port>\d+))?", re.I)
+                  r"(?:\s*:\s*(?P<port>[0-9]+))?\s*(?=;|$)", re.I)
+_FOLD = re.compile(r"\r?\n[ \t]+")  # header folding (RFC 3261 7.3.1) is white space
+# C0 controls but tab, and DEL (a raw CR/LF/ESC in a To would reach the store and every log line)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def top_via(value: str | None) -> Address:
     """The sent-by of the first Via: where the phone says it wants its replies."""
     if not value:
         raise HeaderError("no Via header")
-    m = _VIA.match(_split_commas(value)[0])
+    first = _split_commas(value)
+    m = _VIA.match(first[0]) if first else None
     if not m:
         raise HeaderError("unreadable Via")
     proto = m.group("proto").lower()
@@ -99,5 +106,6 @@ def top_via(value: str | None) -> Address:
 
 
 def option_tags(value: str | None) -> list[str]:
-    """The option tags of a Require/Proxy-Require/Supported value, as written."""
-    return [t.strip() for t in (value or "").split(",") if t.strip()]
+    """The option tags of a Require/Proxy-Require/Supported value, as written but for white
+    space (a folded value's CRLF never goes back into a header we write)."""
+    return [" ".join(t.split()) for t in (value or "").split(",") if t.strip()]

@@ -16,8 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from . import challenge, headers, reconcile, secagree, tunnel as kernel, warm
+from . import (challenge, headers, identities, limits as flood, reconcile, secagree,
+               tunnel as kernel, warm)
 from .algorithms import AlgorithmError
+from .logtext import clean
+from .limits import Limits
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
 from .store import Binding, Contact, Lease, Store, StoreError, Tunnel, UeLocks, UeSide
@@ -42,6 +45,8 @@ NOTE_CONTACT = "ipsec_contact"
 NOTE_TUNNEL = "ipsec_tunnel"
 
 DUPLICATE_RETRIES = 3
+# Rounds of evictions (ipsec/limits.py) one challenge may go through before it gives up
+EVICTION_ROUNDS = 3
 DEFAULT_EXPIRES = 3600
 # A tunnel whose last reply is still on its way (200 OK to a de-REGISTER) is removed by the
 # sweep this long after ipsec_destroy, never by the reply route itself.
@@ -128,6 +133,7 @@ class Module:
     log: Log
     locks: UeLocks
     expiry_grace: float = 30.0
+    limits: Limits = Limits()
     marker: int = kernel.MARKER
     clock: Callable[[], float] = time.time
 
@@ -140,15 +146,17 @@ class Module:
         run_dir = (get_def("RUN_DIR") or "").strip('"') or "/var/run/kamailio"
         path = params.ipsec_store or os.path.join(run_dir, "ipsec-pcscf.sqlite")
         grace = (get_def("EXPIRY_GRACE") or "30").strip('"')
+        limits = Limits.from_defines(get_def, params.ipsec_spi_id_range // 2)
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             store = Store(path, spi_start=params.ipsec_spi_id_start,
                           spi_range=params.ipsec_spi_id_range,
                           client_port=params.ipsec_client_port,
                           server_port=params.ipsec_server_port,
-                          max_connections=params.ipsec_max_connections)
+                          max_connections=params.ipsec_max_connections,
+                          pending_lifetime=limits.pending_lifetime)
             return cls(params, store, Xfrm(), log, UeLocks(path + ".lock"),
-                       expiry_grace=float(grace))
+                       expiry_grace=float(grace), limits=limits)
         except (OSError, ValueError, StoreError) as e:
             raise ModuleError(f"store {path}: {e}") from None
 
@@ -161,10 +169,10 @@ class Module:
 
     # -- logging ------------------------------------------------------------------------------
     def _err(self, text: str) -> None:
-        self.log.err(f"ims-ipsec: {text}\n")
+        self.log.err(f"ims-ipsec: {clean(text)}\n")
 
     def _info(self, text: str) -> None:
-        self.log.info(f"ims-ipsec: {text}\n")
+        self.log.info(f"ims-ipsec: {clean(text)}\n")
 
     # -- where a message stands ---------------------------------------------------------------
     def _pcscf_host(self, ue_host: str) -> str:
@@ -194,7 +202,7 @@ class Module:
         src, local = req.source(), req.local()
         if not self._on_protected_port(local):
             return None
-        contact = self.store.find_by_source(src.host, src.port)
+        contact = self.store.find_by_flow(src.host, src.port, local.port)
         if contact is None:
             return None
         for t in (contact.tunnel, contact.pending):
@@ -247,8 +255,11 @@ class Module:
             if through is not None:
                 self._retire(self.store.promote(contact_id, through))
             return 1
-        self._retire(self.store.register(contact_id, self.clock() + expires, uri=uri,
-                                         received=req.source(), through=through))
+        self._retire(self.store.register(
+            contact_id, self.clock() + expires, uri=uri, received=req.source(), through=through,
+            associated=identities.registered(msg.header("P-Associated-URI"),
+                                             req.first_header("To")),
+            service_route=identities.uri_list(msg.header("Service-Route"))))
         return 1
 
     def is_deregistration(self, msg: Message) -> bool:
@@ -351,11 +362,22 @@ class Module:
                                     bool(self.params.ipsec_reuse_server_port),
                                     isinstance(key, int))
 
+        def weigh(pressure: flood.Pressure) -> flood.Verdict:
+            return flood.weigh(self.limits, pressure)
+
         avoid: set[int] = set()
-        for _ in range(DUPLICATE_RETRIES + 2):
-            done = self.store.challenge(key, through, ue, decide, build, avoid)
+        spare: set[int] = set()  # unconfirmed contacts another worker holds the lock of
+        evictions = 0
+        for _ in range(DUPLICATE_RETRIES + 2 + EVICTION_ROUNDS):
+            done = self.store.challenge(key, through, ue, decide, build, avoid, weigh, spare)
             self._retire(done.retired)
             through = None  # promoted (or not) once
+            if done.evict:
+                evictions += 1
+                if evictions > EVICTION_ROUNDS:
+                    break
+                spare |= self._evict(done.evict)
+                continue
             d = done.decision
             if d.action == challenge.REFUSE:
                 raise Refused(f"contact {done.contact_id}: {d.reason}")
@@ -377,7 +399,7 @@ class Module:
                     raise Refused(f"the phone's SAs clash with ones in the kernel "
                                   f"(it must offer new SPIs and ports): {e}") from None
                 avoid |= {lease.spi_pc, lease.spi_ps}
-                self.log.warn(f"ims-ipsec: SPI already in the kernel, leasing another: {e}\n")
+                self.log.warn(f"ims-ipsec: SPI already in the kernel, leasing another: {clean(e)}\n")
                 continue
             except BaseException:
                 self.store.release(lease)
@@ -388,7 +410,30 @@ class Module:
                        f"spi-s={lease.spi_ps} port-c={lease.port_pc} port-s={lease.port_ps} "
                        f"alg={offer.alg} ealg={offer.ealg}")
             return record.security_server
+        if evictions > EVICTION_ROUNDS:
+            raise Refused(f"no room after {EVICTION_ROUNDS} rounds of evicting unconfirmed "
+                          "tunnels (other workers took the pairs freed)")
         raise Refused(f"the kernel refused {DUPLICATE_RETRIES} SPI leases as duplicates")
+
+    def _evict(self, victims: tuple[tuple[int, str], ...]) -> set[int]:
+        """Unconfirmed contacts out to make room (ipsec/limits.py chose them), each under its
+        phone's lock, so that no worker is installing its SAs meanwhile. A lock another
+        worker holds is not waited for (two evicting workers would wait for each other):
+        that contact is spared and returned, and another is chosen. (Our own phone's lock
+        is already held: taking it again is a no-op.)"""
+        spared: set[int] = set()
+        for contact_id, host in victims:
+            with self.locks.try_held(host) as locked:
+                if not locked:
+                    spared.add(contact_id)
+                    continue
+                gone = self.store.evict([contact_id])
+                if gone:
+                    self._remove_tunnels(gone)
+                    self._info(f"contact {contact_id}: unconfirmed tunnel {host} spi-c="
+                               f"{gone[0].lease.spi_pc} evicted to make room (limits of "
+                               f"pending tunnels, see README: Security model)")
+        return spared
 
     def _kernel_tunnel(self, pcscf: str, ue: UeSide, lease: Lease, alg: str, ealg: str,
                        ck: bytes = bytes(16), ik: bytes = bytes(16)) -> kernel.Tunnel:
@@ -409,6 +454,15 @@ class Module:
             if missing:
                 self._info(f"{len(missing)} piece(s) of {len(tunnels)} tunnel(s) were already gone")
         self.store.release_all(t.lease if isinstance(t, Tunnel) else t for t in found)
+
+    def _drop_stale_pending(self, now: float) -> None:
+        """Pending tunnels whose phone did not come back through them in PENDING_LIFETIME."""
+        stale = self.store.drop_stale_pending(self.limits.pending_lifetime, now)
+        if stale:
+            self._remove_tunnels([t for _, t in stale])
+            for c, t in stale:
+                self._info(f"contact {c.id} {c.aor}: pending tunnel spi-c={t.lease.spi_pc} "
+                           f"unused for {self.limits.pending_lifetime:.0f} s, removed")
 
     def _remove_unused(self) -> None:
         self._remove_tunnels(self.store.stale_leases(older_than=STALE_LEASE_AGE, now=self.clock()))
@@ -457,10 +511,17 @@ class Module:
         return msg.ruri() if flags & USE_NEW_RURI else msg.original_ruri()
 
     def contact_for_request(self, msg: Message, flags: int = 0) -> Contact | None:
-        """The registered phone a request from the core is for."""
-        return self.store.find_by_uri(self._search_uri(msg, flags),
-                                      use_alias=not flags & NO_ALIAS,
-                                      newest_first=not flags & REVERSE_SEARCH)
+        """The registered phone a request from the core is for (see Store.find_by_uri: the
+        contact must own the URI's address, or be of the AoR the request is for). None for a
+        URI no phone can have registered (tel:, unreadable): the caller answers as for an
+        unknown phone."""
+        try:
+            return self.store.find_by_uri(self._search_uri(msg, flags),
+                                          use_alias=not flags & NO_ALIAS,
+                                          newest_first=not flags & REVERSE_SEARCH,
+                                          aor=_to_aor(msg))
+        except SipUriError:
+            return None
 
     def _reply_path(self, msg: Message, flags: int) -> int:
         contact = self.tunnel_contact(msg)
@@ -523,7 +584,7 @@ class Module:
             c = self.tunnel_contact(msg.request())
             found = [c] if c else []
         else:
-            c = self.store.find_by_uri(msg.ruri())
+            c = self.store.find_by_uri(msg.ruri(), aor=_to_aor(msg))
             found = [c] if c else []
         if not found:
             raise Refused(f"no contact for {aor or msg.ruri()}")
@@ -563,6 +624,7 @@ class Module:
                     [c.id for c in expired], expired_at=(now, self.expiry_grace)))
                 for c in expired:
                     self._info(f"contact {c.id} {c.aor}: expired, removed")
+            self._drop_stale_pending(now)
             self._remove_unused()
             released = self.store.reset_leases_if_empty()
             kernel.remove_all(self.xfrm, [self._spec_of(t) for t in released
@@ -630,6 +692,15 @@ def _noted_tunnel(msg: Message) -> tuple[int, int] | None:
     ipsec_forward noted them in the request route; None where it did not."""
     contact_id, spi = msg.noted(NOTE_CONTACT), msg.noted(NOTE_TUNNEL)
     return (contact_id, spi) if contact_id is not None and spi is not None else None
+
+
+def _to_aor(msg: RequestView) -> str | None:
+    """The AoR a request is for (its To), or None when the To is no SIP URI (tel:, garbage):
+    then only the owner of the R-URI's address may take it."""
+    try:
+        return headers.aor(msg.first_header("To"))
+    except (headers.HeaderError, SipUriError):
+        return None
 
 
 def _binding_of(req: RequestView) -> Binding:

@@ -72,8 +72,13 @@ def parse_uri(text: str) -> SipUri:
     if not sep or scheme not in ("sip", "sips"):
         raise SipUriError(f"not a SIP URI: {text!r}")
     rest = rest.split("?", 1)[0]
+    # the user part may hold ';' (RFC 3261 user-unreserved: `sip:+123;npdi@host`), never '@'
+    user, at, rest = rest.partition("@")
+    if not at:
+        user, rest = "", user
     hostport, *raw_params = rest.split(";")
-    user, _, hostport = hostport.rpartition("@")
+    if "@" in hostport:
+        raise SipUriError(f"more than one '@' in {text!r}")
     host, port = _split_hostport(hostport)
     return SipUri(scheme, user, host, port, _params(raw_params))
 
@@ -95,8 +100,14 @@ def _split_hostport(hostport: str) -> tuple[str, int | None]:
     return normalize_host(host), _port(port_text) if port_text is not None else None
 
 
+def is_digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' and Arabic-Indic digits, which int()
+    then reads as a number (or refuses with an error no caller expects)."""
+    return text.isascii() and text.isdigit()
+
+
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not is_digits(text) or not 0 < int(text) < 65536:
         raise SipUriError(f"bad port: {text!r}")
     return int(text)
 
@@ -125,6 +136,6 @@ def alias_target(uri: SipUri) -> Address | None:
     if value is None:
         return None
     parts = value.split("~")
-    if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) not in ALIAS_PROTOS:
+    if len(parts) != 3 or not is_digits(parts[2]) or int(parts[2]) not in ALIAS_PROTOS:
         raise SipUriError(f"bad alias parameter: {value!r}")
     return Address(parts[0], _port(parts[1]), ALIAS_PROTOS[int(parts[2])])

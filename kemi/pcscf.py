@@ -20,9 +20,12 @@ from kemi.imports import defer_pyroute2_init  # noqa: E402
 
 defer_pyroute2_init()  # before ipsec.xfrm imports pyroute2.netlink: a smaller heap to fork
 
+from ipsec.logtext import clean  # noqa: E402
 from ipsec.module import Module, ModuleError  # noqa: E402
 from ipsec.params import ParamError  # noqa: E402
+from kemi.core import Core, CoreError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
+from kemi.replies import drop as drop_reply, stray_reply  # noqa: E402
 from kemi.routing import Routing, refuse_challenge  # noqa: E402
 from kemi.workers import StartError, Workers, ensure_open_files  # noqa: E402
 
@@ -45,7 +48,13 @@ def mod_init():
         return None
     finally:
         module.close()  # every worker opens its own store connection and netlink socket
-    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN), started)
+    try:
+        core = Core.from_defines(KSR.kx.get_def)
+    except CoreError as e:
+        KSR.err("ims-ipsec: refusing to start: %s\n" % e)
+        return None
+    KSR.info("ims-ipsec: %s\n" % core.trust_line())
+    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN, core), started)
 
 
 def _guarded(on_error):
@@ -58,7 +67,7 @@ def _guarded(on_error):
                 return callback(self, *args)
             except Exception as e:  # noqa: BLE001
                 KSR.err("ims-ipsec: %s: internal error %s: %s\n"
-                        % (callback.__name__, type(e).__name__, e))
+                        % (callback.__name__, type(e).__name__, clean(e)))
                 on_error()
                 return -1
         return run
@@ -94,8 +103,9 @@ class kamailio:
     def ksr_request_route(self, msg):
         return self.r.request(KsrMessage())
 
+    @_guarded(drop_reply)
     def ksr_reply_route(self, msg):
-        return 1
+        return stray_reply(KsrMessage())
 
     @_guarded(_fail_challenge)
     def ksr_register_reply(self, msg):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import KSR
 
 from ipsec import headers
+from ipsec.logtext import clean
 from ipsec.module import Module
-from ipsec.sipuri import SipUriError, hostport, parse_uri
+from kemi import identity
+from kemi.core import Core, next_hop_of
 
 # Option tags and headers the P-CSCF consumes: the core must not see the phone's sec-agree.
 SEC_AGREE_HEADERS = ("Security-Client", "Security-Verify")
@@ -27,17 +29,13 @@ def refuse_challenge() -> None:
 
 
 class Routing:
-    def __init__(self, module: Module, get_def, domain: str) -> None:
+    def __init__(self, module: Module, get_def, domain: str, core: Core | None = None) -> None:
         self.m = module
         self.domain = domain
-        self.pcscf_ip = (get_def("PCSCF_IP") or "127.0.0.1").strip('"')
-        self.next_hop = (get_def("NEXT_HOP") or "").strip('"')
+        self.core = core or Core.from_defines(get_def)  # kemi/core.py: who the core is
+        self.next_hop = self.core.next_hop
         # the Record-Route facing the core (record_route_preset form); r2=on: see phone_facing_rr
-        self.core_rr = "%s;r2=on" % hostport(self.pcscf_ip, 5060)
-        try:
-            self.next_hop_host = parse_uri(self.next_hop).host
-        except SipUriError:
-            self.next_hop_host = ""
+        self.core_rr = self.core.rr
 
     # -- requests -------------------------------------------------------------------------
     def request(self, msg) -> int:
@@ -48,18 +46,37 @@ class Routing:
         if method == "OPTIONS" and not KSR.pv.get("$rU") and KSR.is_myself_ruri() > 0:
             KSR.sl.sl_send_reply(200, "OK")
             return 1
-        if method == "CANCEL" or (method == "ACK" and KSR.tm.t_check_trans() > 0):
+        if method == "CANCEL":
+            return self._cancel(msg)
+        if method == "ACK" and KSR.tm.t_check_trans() > 0:
             KSR.tm.t_relay()  # follows its transaction (INVITE's destination and socket)
             return 1
         if self.m.is_protected(msg):
             return self._from_phone(msg, method)
-        if method == "REGISTER":
+        if method == "REGISTER" and not self.core.on_core_socket(msg):
             return self._unprotected_register(msg)
-        if msg.source().host == self.next_hop_host:
+        if self.core.from_core(msg) and method != "REGISTER":
             return self._to_phone(msg)
         KSR.info("ims-ipsec: %s from %s refused: not protected and not from the core\n"
-                 % (method, msg.source().host))
+                 % (clean(method), msg.source().host))
         KSR.sl.sl_send_reply(403, "Forbidden - Use Protected Port")
+        return 1
+
+    def _cancel(self, msg) -> int:
+        """A CANCEL follows its INVITE's transaction, and only from where INVITEs come from:
+        through a phone's SAs or from the core. One for no transaction we hold is answered
+        481 here, never relayed (before: relayed statelessly, from our trusted address)."""
+        if (self.m.tunnel_contact(msg) is None if self.m.is_protected(msg)
+                else not self.core.from_core(msg)):
+            KSR.info("ims-ipsec: CANCEL from %s refused: not through known SAs and not from"
+                     " the core\n" % msg.source())
+            KSR.sl.sl_send_reply(403, "Forbidden")
+            return 1
+        if KSR.tm.t_check_trans() < 0:
+            KSR.info("ims-ipsec: CANCEL from %s for no transaction: 481\n" % msg.source())
+            KSR.sl.sl_send_reply(481, "Call/Transaction Does Not Exist")
+            return 1
+        KSR.tm.t_relay()  # follows its transaction (INVITE's destination and socket)
         return 1
 
     def _new_transaction(self, msg) -> bool:
@@ -73,7 +90,7 @@ class Routing:
             return True
         if created < 0:
             KSR.err("ims-ipsec: %s from %s: no transaction (%d)\n"
-                    % (msg.method(), msg.source(), created))
+                    % (clean(msg.method()), msg.source(), created))
             KSR.sl.sl_reply_error()
         return False  # 0: a retransmission, TM has resent the last reply
 
@@ -88,7 +105,7 @@ class Routing:
             KSR.sl.send_reply(400, "Bad Request - Contact")
             return 1
         # nothing is written before the core challenges: ipsec_create saves the contact
-        return self._relay_register(msg)
+        return self._relay_register(msg, protected=False)
 
     def _from_phone(self, msg, method: str) -> int:
         """Through a phone's SAs. Where replies go is fixed when the transaction is created,
@@ -96,7 +113,7 @@ class Routing:
         contact = self.m.tunnel_contact(msg)
         if contact is None:
             KSR.err("ims-ipsec: %s from %s on a protected port: unknown tunnel\n"
-                    % (method, msg.source()))
+                    % (clean(method), msg.source()))
             KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")
             return 1
         if self.m.ipsec_forward(msg, self.domain) < 0:  # replies to the phone: through its SAs
@@ -108,20 +125,33 @@ class Routing:
             KSR.sl.send_reply(403, "Forbidden - Security-Verify mismatch")
             return 1
         if method == "REGISTER":
-            return self._relay_register(msg)
+            return self._relay_register(msg, protected=True)
+        if not identity.assert_identity(msg, contact):
+            KSR.sl.send_reply(403, "Forbidden - Not Registered")
+            return 1
         if KSR.siputils.has_totag() > 0:
             if KSR.rr.loose_route() < 0:
                 KSR.sl.send_reply(404, "Not Here")
                 return 1
+            target = next_hop_of(msg)
+            if not self.core.may_route_to(target, contact.service_route):
+                KSR.info("ims-ipsec: contact %d: in-dialog %s to %s refused: not the core\n"
+                         % (contact.id, method, target))
+                KSR.sl.send_reply(403, "Forbidden - Route Not Allowed")
+                return 1
+            self.core.send_to_core(target)
         else:
             KSR.rr.record_route_preset(self.core_rr,
                                        self.m.phone_facing_rr(contact, msg.source().proto))
             KSR.setdsturi(self.next_hop)
+            self.core.send_to_core()
         self._strip_sec_agree(msg)
         return self._relay()
 
-    def _relay_register(self, msg) -> int:
+    def _relay_register(self, msg, protected: bool) -> int:
         self._strip_sec_agree(msg)
+        identity.mark_integrity(msg, protected)
+        self.core.send_to_core()  # before add_path: Path names the socket it leaves from
         KSR.path.add_path()
         KSR.tm.t_on_reply("ksr_register_reply")
         KSR.tm.t_on_failure("ksr_register_failure")

@@ -31,7 +31,7 @@ class Workers:
     """The UDP/TCP listen sockets and worker processes of kamailio.cfg for these values."""
 
     protected_sockets: int  # UDP sockets (the same number of TCP ones)
-    plain_sockets: int  # port 5060, UDP (the same number of TCP ones)
+    plain_sockets: int  # port 5060 and the core socket, UDP (the same number of TCP ones)
     children: int  # CHILDREN: workers per port 5060 UDP socket
     ipsec_children: int  # IPSEC_CHILDREN: workers per protected UDP socket
 
@@ -40,7 +40,7 @@ class Workers:
         families = bool(params.ipsec_listen_addr) + bool(params.ipsec_listen_addr6)
         ports = len(set(params.client_ports) | set(params.server_ports))
         return cls(protected_sockets=ports * families,
-                   plain_sockets=1 + bool(get_def("PCSCF_IP6")),
+                   plain_sockets=1 + bool(get_def("PCSCF_IP6")) + bool(get_def("CORE_IP")),
                    children=_number(get_def, "CHILDREN"),
                    ipsec_children=_number(get_def, "IPSEC_CHILDREN"))
 

@@ -89,6 +89,7 @@ def populate(store: Store, contacts: int) -> list[tuple[int, str, int, int]]:
         store.set_tunnel(contact.id, Tunnel(lease, UeSide(host, n, n + 1, port_uc, port_us),
                                             "hmac-sha-1-96", "aes-cbc", "192.0.2.1", digest,
                                             "offer", "server"))
+        store.set_registered(contact.id, time.time() + 3600)  # MT look-ups find registered ones
         phones.append((n, host, port_uc, port_us))
     return phones
 

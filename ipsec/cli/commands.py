@@ -277,8 +277,8 @@ def cmd_doctor(env: Env) -> int:
     cfg = env.config
     findings = doctor.param_findings(cfg.params)
     findings += doctor.esp_findings(probe_esp(env))
-    findings += doctor.listen_findings(doctor.expected_sockets(cfg.params, cfg.sip_addrs,
-                                                               SIP_PORT), listening(env), cfg.netns)
+    expected = doctor.expected_sockets(cfg.params, cfg.sip_addrs, SIP_PORT, cfg.core)
+    findings += doctor.listen_findings(expected, listening(env), cfg.netns)
     code = Exit.OK
     try:
         health = store_call(env.store().health)

@@ -36,6 +36,12 @@ DEFAULTS: dict[str, str] = {
     "EXPIRY_GRACE": "30",
     "CHILDREN": "4",
     "IPSEC_CHILDREN": "1",
+    "TCP_LIFETIME": "120",
+    "PENDING_LIFETIME": "30",
+    "PENDING_PER_HOST": "8",
+    "PENDING_PER_AOR": "4",
+    "REKEY_RESERVE": "10",
+    "CORE_PORT": "5060",  # the core socket's port, when CORE_IP gives the core one
 }
 SIP_PORT = 5060  # kamailio.cfg's unprotected listen lines
 STORE_FILE = "ipsec-pcscf.sqlite"
@@ -84,6 +90,7 @@ class Config:
     sip_addrs: tuple[str, ...]  # unprotected listen addresses (PCSCF_IP, PCSCF_IP6), port 5060
     netns: str | None = None
     marker: int = MARKER
+    core: tuple[str, int] | None = None  # the core socket (CORE_IP, CORE_PORT), if any
 
     @classmethod
     def build(cls, defines: dict[str, str], *, store: str | None = None,
@@ -102,7 +109,13 @@ class Config:
             raise ConfigError(f"EXPIRY_GRACE: {get('EXPIRY_GRACE')!r} is not a number") from None
         sip = tuple(unquote(get(n)).strip("[]") for n in ("PCSCF_IP", "PCSCF_IP6")
                     if unquote(get(n)))
-        return cls(params, path, grace, sip, netns)
+        core = None
+        if unquote(get("CORE_IP")):
+            port = unquote(get("CORE_PORT")) or str(SIP_PORT)
+            if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"CORE_PORT: {port!r} is not a port")
+            core = (unquote(get("CORE_IP")).strip("[]"), int(port))
+        return cls(params, path, grace, sip, netns, core=core)
 
 
 def defines_from(cfg_text: str | None, options: list[str]) -> dict[str, str]:

@@ -138,12 +138,17 @@ class Socket:
         return f"{self.proto} {hostport(self.host, self.port)}"
 
 
-def expected_sockets(params: Params, sip_addrs: Sequence[str], sip_port: int) -> list[Socket]:
-    """Every socket kamailio.cfg binds from these defines: 5060 on PCSCF_IP(6), and each
-    protected client and server port on IPSEC_LISTEN_ADDR(6), UDP and TCP."""
+def expected_sockets(params: Params, sip_addrs: Sequence[str], sip_port: int,
+                     core: tuple[str, int] | None = None) -> list[Socket]:
+    """Every socket kamailio.cfg binds from these defines: 5060 on PCSCF_IP(6), the core
+    socket (CORE_IP:CORE_PORT) when there is one, and each protected client and server port
+    on IPSEC_LISTEN_ADDR(6), UDP and TCP."""
     out = []
     for host in map(normalize_host, sip_addrs):
         out += [Socket(proto, host, sip_port, "unprotected SIP") for proto in ("udp", "tcp")]
+    if core is not None:
+        out += [Socket(proto, normalize_host(core[0]), core[1], "core socket")
+                for proto in ("udp", "tcp")]
     addrs = [normalize_host(a) for a in (params.ipsec_listen_addr, params.ipsec_listen_addr6) if a]
     for host in addrs:
         for ports, role in ((params.client_ports, "protected client port"),

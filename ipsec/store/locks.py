@@ -39,6 +39,7 @@ class _LockFile:
         self.path = path
         self._fd = -1
         self._gen = -1
+        self._mine: set[int] = set()  # bytes this process holds (a nested take is a no-op)
 
     def open(self) -> None:
         """Open this process's descriptor now (it opens on first use otherwise)."""
@@ -52,13 +53,25 @@ class _LockFile:
         return self._fd
 
     @contextmanager
-    def _held(self, byte: int) -> Iterator[None]:
+    def _held(self, byte: int, wait: bool = True) -> Iterator[bool]:
+        """Hold `byte` for the body; yields False (and holds nothing) when `wait` is off and
+        another process holds it. Taking a byte this process already holds is a no-op: an
+        unlock at the inner level would release the outer holder's lock."""
+        if byte in self._mine and self._gen == forks.generation():
+            yield True
+            return
         fd = self._file()
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET,
-                                                         byte, 1, 0))
         try:
-            yield
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK,
+                        struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
+        except (BlockingIOError, PermissionError):  # EAGAIN (EACCES on some systems)
+            yield False
+            return
+        self._mine.add(byte)
+        try:
+            yield True
         finally:
+            self._mine.discard(byte)
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET,
                                                             byte, 1, 0))
 
@@ -67,6 +80,7 @@ class _LockFile:
         if self._fd >= 0 and self._gen == forks.generation():
             os.close(self._fd)
         self._fd = -1
+        self._mine.clear()
 
 
 class UeLocks(_LockFile):
@@ -80,6 +94,12 @@ class UeLocks(_LockFile):
     def held(self, host: str):
         """Hold the lock of `host` (waiting for it) for the body of the `with`."""
         return self._held(self.stripe(host))
+
+    def try_held(self, host: str):
+        """As `held`, without waiting: the `with` gets False when another process holds the
+        lock of `host` (one phone's worker taking another phone's lock must never wait: two
+        such workers would wait for each other)."""
+        return self._held(self.stripe(host), wait=False)
 
 
 class WriterLock(_LockFile):

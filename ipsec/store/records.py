@@ -106,6 +106,8 @@ class Contact:
     `expires` is absolute (epoch seconds): the registration's end, or the end of the pending
     lifetime while `state` is "pending". `uri` and `transport` are the binding requests to the
     phone follow: its last REGISTER's Contact, and the transport it asks for (or used).
+    `associated` and `service_route` are the URIs of the P-Associated-URI and Service-Route
+    of its last 200 OK to REGISTER (empty before one).
     """
 
     id: int
@@ -118,6 +120,8 @@ class Contact:
     tunnel: Tunnel | None
     pending: Tunnel | None = None
     transport: str = "udp"
+    associated: tuple[str, ...] = ()
+    service_route: tuple[str, ...] = ()
 
 
 # What a 401 does to a phone's tunnels (ipsec/challenge.py decides, Store.challenge acts)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ipsec.store.records import SchemaMismatch, StoreError
 
-VERSION = 4
+VERSION = 5
 
 # A `tunnels` row is a lease: an SPI pair (spi_pc, spi_ps = spi_pc + 1, unique each) and a
 # port pair; its phone-side columns stay NULL until a tunnel is staged on it. A contact's
@@ -21,7 +21,9 @@ VERSION = 4
 # REGISTER). A tunnel's `txn` names the REGISTER transaction whose 401 offered it (a second
 # 401 to the same REGISTER must not build another); a contact's `transport` is how requests
 # reach the phone (its Contact's transport parameter, else the protocol its last REGISTER
-# came by). Every index costs a page written per change in every Kamailio worker's commit:
+# came by); `associated` and `service_route` are the P-Associated-URI and Service-Route URIs of
+# its last 200 OK (one per line: the identities a request through its SAs may assert, and the
+# S-CSCF its in-dialog requests may go to). Every index costs a page written per change in every Kamailio worker's commit:
 # only those the look-ups need are here.
 DDL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -51,6 +53,8 @@ CREATE TABLE contacts (
     tunnel_id INTEGER REFERENCES tunnels (id) ON DELETE SET NULL,
     pending_tunnel_id INTEGER REFERENCES tunnels (id) ON DELETE SET NULL,
     transport TEXT NOT NULL DEFAULT 'udp',
+    associated TEXT NOT NULL DEFAULT '',
+    service_route TEXT NOT NULL DEFAULT '',
     UNIQUE (aor, received_host, received_port, received_proto)
 );
 CREATE INDEX contacts_received ON contacts (received_host, received_port);
@@ -71,6 +75,10 @@ MIGRATIONS = {
     3: ("DROP TABLE spis",
         "DROP INDEX tunnels_lease_host",
         "ALTER TABLE tunnels DROP COLUMN lease_host"),
+    # a registration's identities and S-CSCF (24.229 5.2.6.3); rows of v4 have none: a
+    # registered contact then asserts its AoR until its next 200 OK
+    4: ("ALTER TABLE contacts ADD COLUMN associated TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE contacts ADD COLUMN service_route TEXT NOT NULL DEFAULT ''"),
 }
 
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from ipsec.sipuri import (TRANSPORTS, Address, SipUri, alias_target, normalize_host, parse_uri,
                           uri_target)
 from ipsec import forks
+from ipsec.limits import Pressure, Verdict
 from ipsec.store import schema
 from ipsec.store.locks import WriterLock
-from ipsec.store.records import (KEEP, NEW, PENDING, REGISTERED, Binding, Contact, Decision,
+from ipsec.store.records import (KEEP, NEW, PENDING, REFUSE, REGISTERED, Binding, Contact, Decision,
                                  Lease, NotLeased, PhoneSpiInUse, SpiExhausted, StoreError,
                                  Tunnel, UeSide, UnknownContact)
 
@@ -33,7 +34,8 @@ _SCAN_WINDOW = 512  # SPIs examined per query when looking for a free pair
 
 _CONTACT_COLUMNS = """
     c.id, c.aor, c.uri, c.via_host, c.via_port, c.via_proto,
-    c.received_host, c.received_port, c.received_proto, c.state, c.expires, c.transport"""
+    c.received_host, c.received_port, c.received_proto, c.state, c.expires, c.transport,
+    c.associated, c.service_route"""
 _TUNNEL_COLUMNS = """
     t.spi_pc, t.spi_ps, t.port_pc, t.port_ps, t.ue_host, t.spi_uc, t.spi_us, t.port_uc,
     t.port_us, t.alg, t.ealg, t.pcscf_host, t.keys_digest, t.offer, t.security_server, t.txn"""
@@ -46,6 +48,9 @@ _CONTACT_SELECT = f"""
 # a tunnels row (alias t) that some contact uses or has staged
 _USED = ("EXISTS (SELECT 1 FROM contacts c WHERE c.tunnel_id = t.id"
          " OR c.pending_tunnel_id = t.id)")
+# a contact (alias c) whose phone has never come back through any SAs (ipsec/limits.py)
+_UNCONFIRMED = "c.state = 'pending' AND c.tunnel_id IS NULL"
+_OLDEST_SHOWN = 4  # unconfirmed contacts a challenge is shown when the pool runs short
 
 
 class Store:
@@ -66,6 +71,7 @@ class Store:
         self.path = path
         self.spi_start = spi_start
         self.spi_last_pair = spi_start + (spi_range // 2 - 1) * 2
+        self.spi_pairs = spi_range // 2
         self.client_port = client_port
         self.server_port = server_port
         self.max_connections = max_connections
@@ -377,9 +383,18 @@ class Store:
                 (b.aor, b.uri, target.host, target.port, via.host, via.port, via.proto,
                  received.host, received.port, received.proto, PENDING,
                  pending_until, transport, pending)).lastrowid
+        now = time.time()
+        if db.execute("SELECT 1 FROM contacts WHERE id = ? AND state = ? AND expires > ?",
+                      (contact_id, REGISTERED, now)).fetchone() is not None:
+            # An unprotected REGISTER proves nothing (its source may be spoofed): a live
+            # registration's binding changes only through its SAs or by the core's 200 OK
+            # (`register`); until then the REGISTER may only stage SAs for it.
+            if pending is not None:
+                db.execute("UPDATE contacts SET pending_tunnel_id = ? WHERE id = ?",
+                           (pending, contact_id))
+            return contact_id
         # a registration that has already ended (a de-registration whose teardown is still
         # due) starts over as pending instead of being swept away
-        now = time.time()
         db.execute(
             "UPDATE contacts SET uri = ?, contact_host = ?, contact_port = ?, via_host = ?,"
             " via_port = ?, via_proto = ?, transport = ?,"
@@ -404,12 +419,18 @@ class Store:
             return self._get(db, contact_id)
 
     def register(self, contact_id: int, expires: float, *, uri: str, received: Address,
-                 through: int | None) -> Tunnel | None:
+                 through: int | None, associated: tuple[str, ...] | None = None,
+                 service_route: tuple[str, ...] | None = None) -> Tunnel | None:
         """`set_registered`, and, when the REGISTER came through the contact's pending
         tunnel (`through` is its spi_pc), `promote` in the same transaction. Returns the
-        tunnel a promotion replaced, as `promote` does."""
+        tunnel a promotion replaced, as `promote` does. `associated` / `service_route`
+        (the 200 OK's URIs) replace the contact's, when given."""
         with self._tx() as db:
             self._register(db, contact_id, expires, uri, received)
+            if associated is not None or service_route is not None:
+                db.execute("UPDATE contacts SET associated = coalesce(?, associated),"
+                           " service_route = coalesce(?, service_route) WHERE id = ?",
+                           (_lines(associated), _lines(service_route), contact_id))
             return self._promote(db, contact_id, through) if through is not None else None
 
     def _register(self, db: sqlite3.Connection, contact_id: int, expires: float,
@@ -488,15 +509,20 @@ class Store:
 
     def challenge(self, contact: int | Binding, through: int | None, ue: UeSide,
                   decide: Callable[[Contact | None, list[tuple[Tunnel, bool]]], Decision],
-                  build: Callable[[Lease], Tunnel], avoid: Iterable[int] = ()) -> Challenged:
+                  build: Callable[[Lease], Tunnel], avoid: Iterable[int] = (),
+                  weigh: Callable[[Pressure], Verdict] | None = None,
+                  spare: Iterable[int] = ()) -> Challenged:
         """What a 401 does to the phone's tunnels, in one write transaction.
 
         Reads the contact (by id, or the one a binding would refresh) and the tunnels whose
         SAs to this phone use one of its SPIs (only one of each can be in the kernel), each
         with whether a contact uses it; with `through` (the spi_pc of the SAs a protected
         REGISTER came through) promotes the pending tunnel first when those are it. Then acts
-        on `decide(contact, clashes)`: for NEW, saves an unprotected REGISTER's binding,
-        leases (avoiding `avoid`) and stages the tunnel `build` makes of the lease; for KEEP,
+        on `decide(contact, clashes)`: for NEW, asks `weigh` (ipsec/limits.py) about the
+        pressure on the pool first: its evictions come back in `evict` (nothing else written;
+        the caller evicts, then asks again, leaving the contacts in `spare` it could not
+        evict out) and its refusal as a REFUSE; then saves an unprotected REGISTER's binding,
+        leases (avoiding `avoid`) and stages the tunnel `build` makes of the lease. For KEEP,
         refreshes the binding. CLEAR and REFUSE write nothing more: the caller acts.
         """
         with self._tx() as db:
@@ -516,7 +542,15 @@ class Store:
             tunnel = replaced = None
             if decision.action == KEEP and isinstance(contact, Binding):
                 self._save_binding(db, contact)
-            elif decision.action == NEW:
+            elif decision.action == NEW and weigh is not None:
+                verdict = weigh(self._pressure(db, contact, contact_id, ue, set(spare)))
+                if verdict.refuse:
+                    return Challenged(Decision(REFUSE, reason=verdict.refuse), contact_id,
+                                      None, None, retired)
+                if verdict.evict:
+                    return Challenged(decision, contact_id, None, None, retired,
+                                      self._hosts_of(db, verdict.evict))
+            if decision.action == NEW:
                 # one row write each: the tunnel whole, the contact with it as pending
                 tunnel, tunnel_id = self._lease_tunnel(db, ue, avoid, build)
                 if isinstance(contact, Binding):
@@ -527,6 +561,75 @@ class Store:
                 if now is not None and now.pending is not None:
                     replaced = now.pending
             return Challenged(decision, contact_id, tunnel, replaced, retired)
+
+    def _pressure(self, db: sqlite3.Connection, contact: int | Binding, own: int | None,
+                  ue: UeSide, spare: set[int]) -> Pressure:
+        """What ipsec/limits.py weighs: free pairs, unconfirmed contacts on this address, of
+        this AoR and anywhere (oldest first; this contact and `spare` left out)."""
+        skip = spare | {own}
+
+        def ids(sql: str, args: tuple) -> tuple[int, ...]:
+            return tuple(r[0] for r in db.execute(sql, args) if r[0] not in skip)
+
+        free = self.spi_pairs - db.execute("SELECT count(*) FROM tunnels").fetchone()[0]
+        oldest = ids(f"SELECT c.id FROM contacts c WHERE c.pending_tunnel_id IS NOT NULL"
+                     f" AND {_UNCONFIRMED} ORDER BY c.pending_tunnel_id LIMIT ?",
+                     (len(skip) + _OLDEST_SHOWN,))
+        if isinstance(contact, int):
+            squatters = ids(
+                f"SELECT c.id FROM tunnels t JOIN contacts c ON c.pending_tunnel_id = t.id"
+                f" WHERE t.ue_host = ?1 AND (t.port_uc IN (?2, ?3) OR t.port_us IN (?2, ?3))"
+                f" AND {_UNCONFIRMED}", (ue.host, ue.port_uc, ue.port_us))
+            return Pressure(True, free, oldest=oldest, squatters=squatters)
+        host = ids(f"SELECT c.id FROM tunnels t JOIN contacts c ON c.pending_tunnel_id = t.id"
+                   f" WHERE t.ue_host = ? AND {_UNCONFIRMED} ORDER BY t.id", (ue.host,))
+        aor = ids(f"SELECT c.id FROM contacts c JOIN tunnels t ON t.id = c.pending_tunnel_id"
+                  f" WHERE c.aor = ? AND {_UNCONFIRMED} ORDER BY t.id", (contact.aor,))
+        return Pressure(False, free, host, aor, oldest)
+
+    @staticmethod
+    def _hosts_of(db: sqlite3.Connection, contact_ids: tuple[int, ...]) -> tuple[tuple[int, str], ...]:
+        marks = ",".join("?" * len(contact_ids))
+        hosts = dict(db.execute(
+            f"SELECT c.id, t.ue_host FROM contacts c JOIN tunnels t ON t.id = c.pending_tunnel_id"
+            f" WHERE c.id IN ({marks})", contact_ids).fetchall())
+        return tuple((i, hosts[i]) for i in contact_ids if i in hosts)
+
+    def evict(self, contact_ids: Iterable[int]) -> list[Tunnel]:
+        """Unconfirmed contacts out (ipsec/limits.py chose them), in one transaction: those
+        still unconfirmed go, with their pending tunnels, returned still leased (remove their
+        SAs, then `release_all`)."""
+        freed: list[Tunnel] = []
+        with self._tx() as db:
+            for contact_id in contact_ids:
+                row = db.execute(
+                    f"SELECT {_TUNNEL_COLUMNS} FROM contacts c JOIN tunnels t"
+                    f" ON t.id = c.pending_tunnel_id WHERE c.id = ? AND {_UNCONFIRMED}",
+                    (contact_id,)).fetchone()
+                if row is not None:
+                    db.execute("DELETE FROM contacts WHERE id = ?", (contact_id,))
+                    freed.append(_tunnel(row))
+        return freed
+
+    def drop_stale_pending(self, older_than: float, now: float | None = None
+                           ) -> list[tuple[Contact, Tunnel]]:
+        """Pending tunnels staged more than `older_than` seconds ago: the phone never came
+        back through them. An unconfirmed contact goes with its tunnel; a contact with SAs
+        in use keeps them and loses the pending ones. One transaction; the tunnels come back
+        still leased (remove their SAs, then `release_all`)."""
+        cutoff = (time.time() if now is None else now) - older_than
+        with self._tx() as db:
+            rows = db.execute(
+                f"{_CONTACT_SELECT} WHERE c.pending_tunnel_id IS NOT NULL AND p.leased_at <= ?"
+                " ORDER BY c.id", (cutoff,)).fetchall()
+            stale = [_contact(row) for row in rows]
+            for c in stale:
+                if c.tunnel is None and c.state == PENDING:
+                    db.execute("DELETE FROM contacts WHERE id = ?", (c.id,))
+                else:
+                    db.execute("UPDATE contacts SET pending_tunnel_id = NULL WHERE id = ?",
+                               (c.id,))
+        return [(c, c.pending) for c in stale]
 
     def set_tunnel(self, contact_id: int, tunnel: Tunnel) -> Tunnel | None:
         """Attach installed SAs (on a lease we hold) to a contact, in one transaction.
@@ -587,25 +690,36 @@ class Store:
 
     # -- look-ups: one per rule of the module functions ---------------------------------------
 
-    def find_by_uri(self, uri: str, *, use_alias: bool = True,
-                    newest_first: bool = True) -> Contact | None:
-        """The contact a request is addressed to (R-URI, destination URI or new R-URI).
+    def find_by_uri(self, uri: str, *, use_alias: bool = True, newest_first: bool = True,
+                    aor: str | None = None) -> Contact | None:
+        """The registered phone a request is addressed to (R-URI, destination URI or new R-URI).
 
         With an `alias=ip~port~proto` parameter (and `use_alias`), the phone is where the alias
         says: its received address, or its contact port on that host. Without, the URI's own
-        host and port are the contact URI's, or a received address. Callers fall back to
-        `find_by_source` / `find_by_received` with the message's source when this finds none.
+        host and port are the contact URI's, or a received address.
+
+        Only a registered contact with a tunnel in use is a candidate (a pending one has
+        proved nothing), and only one that owns the address: the URI's host is where its SAs
+        go, or the request is for its AoR (`aor`: the request's To). Among several, the one
+        of that AoR first, then the newest (`newest_first`) or oldest. So a REGISTER naming
+        someone else's contact URI, authenticated or not, never takes that phone's requests.
         """
         parsed = parse_uri(uri)
         alias = alias_target(parsed) if use_alias else None
         if alias is not None:
-            return self._first(
-                "c.received_host = ? AND ? IN (c.received_port, c.contact_port)",
-                (alias.host, alias.port), newest_first)
-        target = uri_target(parsed)
-        return self._first(
-            "(c.contact_host = ? AND c.contact_port = ?) OR (c.received_host = ?"
-            " AND c.received_port = ?)", (target.host, target.port) * 2, newest_first)
+            host, where = alias.host, "c.received_host = ?1 AND ?2 IN (c.received_port, c.contact_port)"
+            port = alias.port
+        else:
+            target = uri_target(parsed)
+            host, port = target.host, target.port
+            where = ("((c.contact_host = ?1 AND c.contact_port = ?2)"
+                     " OR (c.received_host = ?1 AND c.received_port = ?2))")
+        order = "c.id DESC" if newest_first else "c.id"
+        rows = self._query(
+            f"{_CONTACT_SELECT} WHERE {where} AND c.state = ?3 AND c.tunnel_id IS NOT NULL"
+            f" AND (t.ue_host = ?1 OR c.aor = ?4) ORDER BY (c.aor = ?4) DESC, {order} LIMIT 1",
+            (host, port, REGISTERED, aor))
+        return _contact(rows[0]) if rows else None
 
     def find_by_source(self, host: str, port: int, *,
                        newest_first: bool = True) -> Contact | None:
@@ -627,6 +741,29 @@ class Store:
                              f" c.pending_tunnel_id IN ({marks}) ORDER BY {order} LIMIT 1",
                              tuple(ids) * 2).fetchone()
         return _contact(row) if row is not None else None
+
+    def find_by_flow(self, host: str, port: int, local_port: int) -> Contact | None:
+        """The contact whose SAs carry a protected request: from the phone's `port` (its
+        port_uc to our port_ps, or its port_us to our port_pc) on `host`, to our
+        `local_port`; `pending` holds which of its tunnels that is when it is the pending
+        one. A tunnel in use wins over a pending one, whatever their age: a pending tunnel
+        is only the word of an unprotected REGISTER, whose source anyone can spoof, and must
+        never take a live phone's requests (the newest contact wins among equals)."""
+        host = normalize_host(host)
+        with self._read() as db:
+            ids = [row[0] for row in db.execute(
+                "SELECT id FROM tunnels WHERE ue_host = ?1 AND port_uc = ?2 AND port_ps = ?3"
+                " UNION ALL SELECT id FROM tunnels WHERE ue_host = ?1 AND port_us = ?2"
+                " AND port_pc = ?3", (host, port, local_port))]
+            if not ids:
+                return None
+            marks = ",".join("?" * len(ids))
+            for column in ("tunnel_id", "pending_tunnel_id"):
+                row = db.execute(f"{_CONTACT_SELECT} WHERE c.{column} IN ({marks})"
+                                 " ORDER BY c.id DESC LIMIT 1", tuple(ids)).fetchone()
+                if row is not None:
+                    return _contact(row)
+        return None
 
     def find_by_received(self, received: Address, *,
                          newest_first: bool = True) -> Contact | None:
@@ -727,6 +864,7 @@ class Challenged:
     tunnel: Tunnel | None
     replaced: Tunnel | None
     retired: Tunnel | None
+    evict: tuple[tuple[int, str], ...] = ()  # (contact id, phone address) to evict first
 
 
 def _transport(uri: SipUri, received: Address | None) -> str:
@@ -742,12 +880,19 @@ def _address(addr: Address) -> Address:
     return Address(addr.host, addr.port, addr.proto)
 
 
+def _lines(uris: tuple[str, ...] | None) -> str | None:
+    """URIs one per line (a URI read from a header holds no line break)."""
+    return None if uris is None else "\n".join(u for u in uris if "\n" not in u)
+
+
 def _contact(row: tuple) -> Contact:
     used, staged = row[_NC:_NC + _NT], row[_NC + _NT:_NC + 2 * _NT]
     return Contact(id=row[0], aor=row[1], uri=row[2], via=Address(row[3], row[4], row[5]),
                    received=Address(row[6], row[7], row[8]), state=row[9], expires=row[10],
                    transport=row[11], tunnel=_tunnel(used) if used[4] is not None else None,
-                   pending=_tunnel(staged) if staged[4] is not None else None)
+                   pending=_tunnel(staged) if staged[4] is not None else None,
+                   associated=tuple(row[12].split("\n")) if row[12] else (),
+                   service_route=tuple(row[13].split("\n")) if row[13] else ())
 
 
 def _tunnel(row: tuple) -> Tunnel:

@@ -175,6 +175,7 @@ class Record:
     on_failure: str | None = None
     avps: dict[str, object] = field(default_factory=dict)  # the transaction's $avp(...)
     relay_result: int = 1
+    dropped: bool = False  # KSR.set_drop(): the message goes no further (a reply: not forwarded)
     logs: dict[str, list[str]] = field(
         default_factory=lambda: {"info": [], "warn": [], "err": [], "dbg": []})
 
@@ -246,9 +247,11 @@ def _load_reply(raw: str, request: str | Relay, *,
                 request_source: Source = ("10.0.0.2", 5060, "udp"),
                 request_local: Local = ("10.0.0.1", 5060),
                 source: Source = ("10.0.0.9", 5060, "udp"),
-                local: Local = ("10.0.0.1", 5060)) -> Record:
+                local: Local = ("10.0.0.1", 5060), in_transaction: bool = True) -> Record:
     """A reply arrives for a transaction: its request is a Relay recorded earlier (as TM
-    cloned it at t_relay), or raw text received from `request_source` on `request_local`."""
+    cloned it at t_relay), or raw text received from `request_source` on `request_local`.
+    `in_transaction=False`: it matches none (t_check_trans answers -1; the core would forward
+    it statelessly after the reply route)."""
     msg = parse(raw)
     if msg.is_request:
         raise ValueError("KSR double: _load_reply needs a reply")
@@ -258,7 +261,7 @@ def _load_reply(raw: str, request: str | Relay, *,
     else:
         req = _View(parse(raw=request), _source(request_source), request_local)
     rec = _local.rec = Record(view=_View(msg, _source(source), local), request=req,
-                              in_transaction=True, avps=avps)
+                              in_transaction=in_transaction, avps=avps)
     return rec
 
 
@@ -536,7 +539,11 @@ def _uri_hostport(uri: str) -> tuple[str, int | None]:
 
 
 def _is_myself(uri: str) -> bool:
-    host, port = _uri_hostport(uri)
+    """False for a URI Kamailio cannot parse (check_self answers no)."""
+    try:
+        host, port = _uri_hostport(uri)
+    except ValueError:
+        return False
     return any(h == host and (port or 5060) == p for _, h, p in _sockets)
 
 
@@ -557,6 +564,10 @@ def _loose_route() -> int:
     routes = [r.strip() for body in view.msg.bodies("Route") for r in body.split(",")]
     if not routes:
         return -1
+    try:
+        _uri_hostport(routes[0])
+    except ValueError:
+        return -1  # rr cannot parse the top Route's URI: an error, nothing changed
     if _is_myself(routes[0]):
         double = "r2=on" in routes.pop(0).lower()
         if double and routes and _is_myself(routes[0]):
@@ -592,10 +603,12 @@ MAXFWD_MAX_LIMIT = 70  # the maxfwd module's max_limit parameter (default)
 
 def _process_maxfwd(limit: int) -> int:
     """2: header added with `limit`; 1: decremented (values above the module's max_limit
-    first lowered to it); -1: it was 0 (too many hops)."""
+    first lowered to it); -1: it was 0 (too many hops); -2: not a number (maxfwd's error)."""
     view = _request_only("process_maxfwd")
     for i, (name, body) in enumerate(view.msg.headers):
         if _canon(name) == "max-forwards":
+            if not re.fullmatch(r"[0-9]{1,3}", body.strip()) or int(body) > 255:
+                return -2
             value = int(body)
             if value == 0:
                 return -1
@@ -610,6 +623,11 @@ def _change_reply_status(code: int, reason: str) -> int:
         raise RuntimeError("KSR double: change_reply_status called on a request")
     _r().reply_status = (int(code), reason)
     return 1
+
+
+def _drop() -> int:
+    _r().dropped = True
+    return 0
 
 
 pv = _Namespace("pv", get=_pv_get, seti=_pv_seti)
@@ -627,8 +645,17 @@ siputils = _Namespace("siputils", has_totag=_has_totag)
 maxfwd = _Namespace("maxfwd", process_maxfwd=_process_maxfwd)
 textopsx = _Namespace("textopsx", change_reply_status=_change_reply_status)
 kx = _Namespace("kx", get_def=lambda name: _defs.get(name, ""))
+set_drop = _drop
 setdsturi = _setdsturi
 is_myself_ruri = _is_myself_ruri
+
+
+def is_myself(uri: str) -> int:
+    """KSR.is_myself: 1 when the URI's host:port is one of our listen sockets, else -1."""
+    try:
+        return 1 if _is_myself(uri) else -1
+    except ValueError:
+        return -1
 
 
 def info(text: str) -> None:

@@ -204,7 +204,13 @@ class Scscf:
         # answer each challenged REGISTER a second time, with other keys, as a stateless core
         # answers TM's retransmission: TM relays the first 401 only
         self.second_challenge = False
+        # answer REGISTERs with a 401 (with keys) whose P-CSCF Via branch matches no
+        # transaction: what a late answer looks like once TM has forgotten its REGISTER
+        self.stray_challenge = False
+        self.silent = False  # answer nothing (the hostile-input flood)
         self.paths: dict[str, str] = {}
+        self.pcscf_port = 5060  # where its requests enter the P-CSCF (a core socket: CORE_PORT)
+        self.associated: list[str] = []  # the 200 OK's P-Associated-URI (none when empty)
         self.seen: list[Msg] = []
         self.replies: "queue.Queue[Msg]" = queue.Queue()
         self._stop = threading.Event()
@@ -222,6 +228,8 @@ class Scscf:
                 data, _ = self.sock.recvfrom(65535)
             except TimeoutError:
                 continue
+            if self.silent:
+                continue  # hostile input relayed by the P-CSCF: not ours to parse
             msg = parse(data)
             self.seen.append(msg)
             if not msg.is_request:
@@ -249,9 +257,17 @@ class Scscf:
             if req.get("Path"):
                 r.add("Path", req.get("Path"))
                 self.paths[aor] = req.get("Path")
+            if self.associated:
+                r.add("P-Associated-URI", ", ".join(f"<{u}>" for u in self.associated))
             self._answer(req, r)
             return
         ck, ik = self.fixed_keys or (secrets.token_bytes(16), secrets.token_bytes(16))
+        if self.stray_challenge:
+            r = self._challenge(req, ck, ik)
+            name, top = r.headers[0]
+            r.headers[0] = (name, re.sub(r"branch=[^;,\s]+", "branch=z9hG4bKgone", top))
+            self._answer(req, r)
+            return
         self._answer(req, self._challenge(req, ck, ik))
         if self.second_challenge:
             self._answer(req, self._challenge(req, secrets.token_bytes(16), secrets.token_bytes(16)))
@@ -279,8 +295,8 @@ class Scscf:
         self._answer(req, reply(req, 200, "OK", to_tag=token()))
 
     def request(self, msg: Msg) -> None:
-        """Send a request into the P-CSCF (port 5060)."""
-        self._send(msg, (self.addr, 5060))
+        """Send a request into the P-CSCF (port 5060, or its core socket's port)."""
+        self._send(msg, (self.addr, self.pcscf_port))
 
     def wait_reply(self, status: int, cseq_method: str, timeout: float = WAIT) -> Msg:
         deadline = time.monotonic() + timeout

@@ -269,9 +269,12 @@ class Pcscf:
         return rec
 
     def registered(self, *, offer: str = OFFER, ue: str = UE, port: int = 5060,
-                   aor: str = AOR, proto: str = "udp", expires: int = 600) -> str:
-        """An initial registration through to its 200 OK; returns the Security-Server sent."""
-        reg = register(aor=aor, contact=f"sip:alice@{ue}:{port}", via=f"{ue}:{port}",
+                   aor: str = AOR, proto: str = "udp", expires: int = 600,
+                   contact: str | None = None, ok_extra: tuple[str, ...] = ()) -> str:
+        """An initial registration through to its 200 OK (with `ok_extra` headers); returns
+        the Security-Server sent."""
+        contact = contact or f"sip:alice@{ue}:{port}"
+        reg = register(aor=aor, contact=contact, via=f"{ue}:{port}",
                        proto=proto.upper(), security_client=offer, expires=expires)
         rec = self.request(reg, source=(ue, port, proto))
         assert rec.relays, rec.log_text()
@@ -281,13 +284,13 @@ class Pcscf:
         server = rec.values("Security-Server")[0]
         port_uc = int(server_param(offer, "port-c"))
         port_ps = int(server_param(server, "port-s"))
-        protected = register(aor=aor, contact=f"sip:alice@{ue}:{port}", via=f"{ue}:{port_uc}",
+        protected = register(aor=aor, contact=contact, via=f"{ue}:{port_uc}",
                              proto=proto.upper(), security_client=offer,
                              security_verify=server, expires=expires, cseq=2)
         rec = self.request(protected, source=(ue, port_uc, proto), local=(PCSCF, port_ps))
         assert rec.relays, rec.log_text()
         rec = self.register_reply(rec.relays[0], reply_to(protected, 200, "OK", (
-            f"Contact: <sip:alice@{ue}:{port}>;expires={expires}",)))
+            f"Contact: <{contact}>;expires={expires}", *ok_extra)))
         return server
 
 

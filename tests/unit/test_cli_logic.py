@@ -106,6 +106,18 @@ def test_expected_sockets_of_kamailio_cfg_defaults_count_a_shared_port_once():
     assert {s.role for s in found if s.port == 5063} == {"protected client port"}
 
 
+def test_expected_sockets_include_the_core_socket():
+    """kamailio.cfg binds CORE_IP:CORE_PORT (UDP and TCP) when CORE_IP is given: the doctor
+    looks for it too (before, a core socket that failed to bind went unnoticed)."""
+    c = Config.build(defines_from(None, ["CORE_IP=10.1.0.1", "CORE_PORT=5070"]))
+    found = doctor.expected_sockets(c.params, c.sip_addrs, 5060, c.core)
+    assert {(s.proto, s.host, s.port, s.role) for s in found if s.role == "core socket"} == {
+        ("udp", "10.1.0.1", 5070, "core socket"), ("tcp", "10.1.0.1", 5070, "core socket")}
+    assert Config.build(defines_from(None, [])).core is None
+    with pytest.raises(ConfigError, match="CORE_PORT"):
+        Config.build(defines_from(None, ["CORE_IP=10.1.0.1", "CORE_PORT=99999"]))
+
+
 def test_expected_sockets_cover_both_families():
     p = Params(ipsec_listen_addr="10.0.0.1", ipsec_listen_addr6="[fd00::1]",
                ipsec_client_port=6000, ipsec_server_port=6100, ipsec_max_connections=1)

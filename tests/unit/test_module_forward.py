@@ -61,8 +61,9 @@ def test_flag_0x01_force_socket_is_always_on(pcscf):
 
 
 def test_flag_0x02_reverse_search_takes_the_oldest_contact(pcscf):
-    """Two registrations answer the same contact URI: newest first, or oldest with 0x02."""
-    pcscf.registered()
+    """Two registrations answer the same contact URI: newest first, or oldest with 0x02
+    (neither of the request's AoR, which would come first)."""
+    pcscf.registered(aor="sip:alice-home@ims.example")
     second = OFFER.replace("31000", "32000").replace("31001", "32001") \
         .replace("1111", "3333").replace("2222", "4444")
     pcscf.registered(offer=second, aor="sip:alice-work@ims.example")

@@ -272,8 +272,33 @@ def test_options_to_the_pcscf_itself_gets_200(pcscf):
 
 def test_cancel_follows_its_transaction(pcscf):
     rec = pcscf.request(request("CANCEL", f"sip:alice@{UE}:5060", via=f"{CORE}:5060"),
-                        source=(CORE, 5060, "udp"))
+                        source=(CORE, 5060, "udp"), in_transaction=True)
     assert len(rec.relays) == 1 and rec.replies == []
+
+
+def test_a_phones_cancel_follows_its_transaction_through_the_sas(pcscf):
+    pcscf.registered()
+    rec = pcscf.request(request("CANCEL", "sip:bob@ims.example", via=f"{UE}:{PORT_UC}"),
+                        source=(UE, PORT_UC, "udp"), local=(PCSCF, 5200), in_transaction=True)
+    assert len(rec.relays) == 1 and rec.replies == []
+
+
+def test_a_cancel_for_no_transaction_gets_481_and_is_not_relayed(pcscf):
+    """Before: relayed (statelessly, from our address) whatever it matched."""
+    rec = pcscf.request(request("CANCEL", f"sip:alice@{UE}:5060", via=f"{CORE}:5060"),
+                        source=(CORE, 5060, "udp"))
+    assert [r.code for r in rec.replies] == [481] and rec.relays == []
+
+
+@pytest.mark.parametrize("source,local", [(("10.0.0.66", 5060, "udp"), (PCSCF, 5060)),
+                                          ((UE, 5060, "udp"), (PCSCF, 5060)),
+                                          (("10.0.0.66", PORT_UC, "udp"), (PCSCF, 5200))])
+def test_a_cancel_from_neither_a_phones_sas_nor_the_core_gets_403(pcscf, source, local):
+    """Before: relayed. Even one matching a transaction: only where INVITEs come from."""
+    pcscf.registered()
+    rec = pcscf.request(request("CANCEL", f"sip:alice@{UE}:5060", via=f"{source[0]}:5060"),
+                        source=source, local=local, in_transaction=True)
+    assert [r.code for r in rec.replies] == [403] and rec.relays == []
 
 
 def test_relay_failure_answers_with_an_error(pcscf):

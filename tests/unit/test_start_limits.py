@@ -70,6 +70,13 @@ def test_sockets_count_ports_once_when_client_and_server_ranges_overlap():
     assert w.processes == 6 * 1 + 2 * 2 + 16
 
 
+def test_the_core_socket_gets_its_workers_counted():
+    params = Params(ipsec_listen_addr="10.0.0.1", ipsec_max_connections=2)
+    values = {"CHILDREN": "3", "IPSEC_CHILDREN": "1", "CORE_IP": "10.1.0.1"}
+    w = Workers.from_defines(params, lambda name: values.get(name, ""))
+    assert w.plain_sockets == 2 and w.processes == w.protected_sockets + 2 * 3 + 16
+
+
 @pytest.mark.parametrize("pairs, children, ipsec_children, processes, open_files", [
     (10, 2, 2, 50, 98),  # measured in User-mode Linux before IPSEC_CHILDREN (every socket: 2)
     (100, 2, 2, 410, 818),

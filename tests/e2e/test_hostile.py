@@ -1,0 +1,200 @@
+"""Hostile input on real Kamailio (issue 10): CK/IK in a 401 that matches no transaction, idle
+TCP connections, and 20,000 fuzzed messages at 5060 and at the protected ports."""
+from __future__ import annotations
+
+import random
+import re
+import select
+import socket
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from checks import assert_store_matches_kernel, through_esp
+from esp_net import ADDRS
+from pcscf_net import Kamailio, Phone, _socket, pcscf_policy_count, pcscf_states
+from sip import Msg, hostport, parse, token
+
+TCP_LIFETIME = 3
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # tests.fuzz_sip: the same hostile messages as `make fuzz`
+KEYS = re.compile(rb"(?:^|[\s,;])(?:ck|ik)\s*=", re.I)
+
+
+@pytest.fixture(scope="module")
+def kamailio(link, scscf, tmp_path_factory):
+    """This module's own Kamailio: idle TCP connections live TCP_LIFETIME seconds."""
+    k = Kamailio(link, tmp_path_factory.mktemp("kamailio"), TCP_LIFETIME=str(TCP_LIFETIME))
+    k.start()
+    yield k
+    try:
+        assert_store_matches_kernel(link, k.run_dir / "ipsec-pcscf.sqlite")
+    finally:
+        k.stop()
+    errors = [l for l in k.log().splitlines() if "Unhandled exception" in l or "Traceback" in l]
+    assert not errors, "Python errors in Kamailio:\n" + "\n".join(errors)
+
+
+def _raw_seen(phone: Phone, seconds: float) -> list[bytes]:
+    """Every datagram that reaches any of the phone's UDP sockets for `seconds`."""
+    got, deadline = [], time.monotonic() + seconds
+    socks = list(phone._udp.values())
+    while True:
+        ready, _, _ = select.select(socks, [], [], max(0.0, deadline - time.monotonic()))
+        if not ready and time.monotonic() >= deadline:
+            return got
+        for s in ready:
+            got.append(s.recv(65535))
+
+
+def test_a_401_for_a_gone_transaction_never_reaches_the_phone(link, scscf, kamailio):
+    """The S-CSCF answers a REGISTER whose transaction TM no longer has (after fr_timer or a
+    restart: here its Via branch names no transaction). Before: Kamailio forwarded the 401
+    statelessly and the phone read ck= and ik= on its unprotected port."""
+    phone = Phone(link, scscf, user="late")
+    scscf.stray_challenge = True
+    try:
+        phone.register(protected=False)
+        seen = _raw_seen(phone, 3.0)
+    finally:
+        scscf.stray_challenge = False
+    assert not [d for d in seen if KEYS.search(d)], "CK/IK reached the phone"
+    assert not [d for d in seen if d.startswith(b"SIP/2.0 401")], "a stray 401 reached the phone"
+    assert "matches no transaction: dropped, its challenge carries CK/IK" in kamailio.log()
+
+
+@pytest.mark.parametrize("port", [5060, 5063])
+def test_an_idle_tcp_connection_is_closed(link, kamailio, port):
+    """Before: tcp_connection_lifetime=3605, anyone could hold a connection for an hour."""
+    conn = _socket(link.ue, 4, socket.SOCK_STREAM)
+    conn.connect((ADDRS[4][0], port))
+    conn.settimeout(TCP_LIFETIME + 20)
+    t0 = time.monotonic()
+    try:
+        assert conn.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    finally:
+        conn.close()
+    assert time.monotonic() - t0 < TCP_LIFETIME + 20
+
+
+# -- the fuzz through real Kamailio -------------------------------------------------------------
+
+FLOOD = 10_000  # per target group: 5060, and the protected ports
+PROBE_EVERY = 250
+
+
+def _options(sock: socket.socket, dst: tuple[str, int]) -> None:
+    """OPTIONS to the P-CSCF itself from `sock` (answered 200 before any protection check),
+    waited for: Kamailio has worked through what came before it on that socket."""
+    me = sock.getsockname()
+    call_id = token()
+    m = Msg(f"OPTIONS sip:{hostport(*dst)} SIP/2.0")
+    for n, v in (("Via", f"SIP/2.0/UDP {hostport(me[0], me[1])};branch=z9hG4bK{token()};rport"),
+                 ("From", f"<sip:probe@{me[0]}>;tag=1"), ("To", f"<sip:{hostport(*dst)}>"),
+                 ("Call-ID", call_id), ("CSeq", "1 OPTIONS"), ("Max-Forwards", "70")):
+        m.add(n, v)
+    deadline = time.monotonic() + 30
+    sock.sendto(m.encode(), dst)
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([sock], [], [], 1.0)
+        if not ready:
+            sock.sendto(m.encode(), dst)
+            continue
+        data = sock.recv(65535)
+        try:
+            r = parse(data)
+        except Exception:  # noqa: BLE001 - whatever else came back
+            continue
+        if not r.is_request and r.get("Call-ID") == call_id and r.status == 200:
+            return
+    raise AssertionError(f"Kamailio stopped answering OPTIONS at {dst}")
+
+
+def _store_rows(kamailio) -> tuple[int, int]:
+    db = sqlite3.connect(kamailio.run_dir / "ipsec-pcscf.sqlite")
+    try:
+        return (db.execute("SELECT count(*) FROM contacts").fetchone()[0],
+                db.execute("SELECT count(*) FROM tunnels").fetchone()[0])
+    finally:
+        db.close()
+
+
+def _pool(phone: Phone) -> list[tuple[str, str]]:
+    """tests/fuzz_sip.py's seeds, with this rig's addresses (phone, P-CSCF, S-CSCF)."""
+    from tests.fuzz_sip import seeds
+    subst = {"10.0.0.2": phone.ip, "10.0.0.1": phone.pcscf, "10.0.0.9:5060": f"{phone.pcscf}:6060",
+             "31000": str(phone.tunnel.port_uc), "31001": str(phone.tunnel.port_us)}
+    out = []
+    for msg, kind in seeds(phone.security_server):
+        for a, b in subst.items():
+            msg = msg.replace(a, b)
+        out.append((msg, kind))
+    return out
+
+
+def test_twenty_thousand_hostile_messages_leave_kamailio_answering_and_nothing_behind(
+        link, scscf, kamailio):
+    from tests.fuzz_sip import messages
+    phone = Phone(link, scscf, user="steady")
+    phone.full_registration()
+    pcscf = phone.pcscf
+    t = phone.tunnel
+    rows, sas, policies = _store_rows(kamailio), len(pcscf_states(link)), pcscf_policy_count(link)
+    processes = len(kamailio.processes())
+
+    plain = _socket(link.ue, 4, socket.SOCK_DGRAM)
+    plain.bind((phone.ip, 0))
+    stranger = _socket(link.ue, 4, socket.SOCK_DGRAM)
+    stranger.bind((phone.ip, 0))  # protected ports, but not from the phone's protected ports
+    through_sas = phone._udp[t.port_uc]  # port_uc -> port_ps: ESP, SA1
+    targets = [  # (socket, destination, share of the protected group)
+        (through_sas, (pcscf, t.port_ps)),
+        (stranger, (pcscf, t.port_ps)),
+        (stranger, (pcscf, t.port_pc)),
+    ]
+    rng = random.Random(20261204)
+    stream = messages(rng, _pool(phone))
+    seen: list[bytes] = []
+    scscf.silent = True
+    t0 = time.monotonic()
+    try:
+        for group in ("5060", "protected"):
+            for i in range(FLOOD):
+                msg, _, _ = next(stream)
+                data = msg.encode("utf-8", "surrogatepass")[:65000]
+                if group == "5060":
+                    sock, dst = plain, (pcscf, 5060)
+                else:
+                    sock, dst = targets[i % len(targets)]
+                sock.sendto(data, dst)
+                if i % PROBE_EVERY == PROBE_EVERY - 1:
+                    _options(sock, dst)
+                    seen += _raw_seen(phone, 0)  # the phone's sockets drained, and read
+        elapsed = time.monotonic() - t0
+        print(f"{2 * FLOOD} hostile messages through Kamailio in {elapsed:.1f} s")
+        for sock, dst in [(plain, (pcscf, 5060)), *targets]:
+            _options(sock, dst)
+        # what Kamailio relayed to the core is still retransmitted by TM until fr_timer (8 s):
+        # an S-CSCF answering it would challenge it, which is no garbage's doing
+        time.sleep(10)
+    finally:
+        scscf.silent = False
+    seen += _raw_seen(phone, 0.5)
+    # the fuzzed messages carry ck= of their own (echoed in our replies): what must never
+    # come back is a key the S-CSCF issued
+    issued = [k.hex().encode() for pair in scscf.keys.values() for k in pair]
+    assert not [d for d in seen if any(k in d.lower() for k in issued)], "CK/IK reached the phone"
+    assert _store_rows(kamailio) == rows, f"the flood changed the store: {rows} -> {_store_rows(kamailio)}"
+    assert (len(pcscf_states(link)), pcscf_policy_count(link)) == (sas, policies)
+    assert len(kamailio.processes()) == processes, "a Kamailio process died or was added"
+    with through_esp(phone, "sa1", "sa3"):  # the phone is still served through its SAs
+        phone.request("MESSAGE", "sip:bob@ims.test", call_id=token(), to="<sip:bob@ims.test>")
+        phone.wait_reply(200, "MESSAGE")
+    plain.close()
+    stranger.close()
