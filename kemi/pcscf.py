@@ -24,6 +24,7 @@ from ipsec.module import Module, ModuleError  # noqa: E402
 from ipsec.params import ParamError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
 from kemi.routing import Routing, refuse_challenge  # noqa: E402
+from kemi.stats import KsrCounters, metrics_request  # noqa: E402
 from kemi.workers import StartError, Workers, ensure_open_files  # noqa: E402
 
 DOMAIN = "location"
@@ -33,7 +34,7 @@ def mod_init():
     """Main process, before the fork: read the defines, reconcile kernel and store."""
     started = time.monotonic()
     try:
-        module = Module.from_defines(KSR.kx.get_def, log=KSR)
+        module = Module.from_defines(KSR.kx.get_def, log=KSR, counters=KsrCounters())
     except (ParamError, ModuleError) as e:
         KSR.err("ims-ipsec: refusing to start: %s\n" % e)
         return None
@@ -104,6 +105,11 @@ class kamailio:
     @_guarded(lambda: None)
     def ksr_register_failure(self, msg):
         return self.r.register_failure()
+
+    @_guarded(lambda: None)
+    def ksr_xhttp_event(self, msg, evname=None):
+        """xhttp (loaded when PROM_PORT is defined): the Prometheus scrape."""
+        return metrics_request(KSR.kx.get_def)
 
     @_guarded(lambda: None)
     def ksr_ipsec_sweep(self, msg, evname=None):
