@@ -55,6 +55,7 @@ def http_get(k: Kamailio, path: str, port: int = PROM_PORT) -> tuple[int, str]:
                 break
     finally:
         s.close()
+    assert data, f"no HTTP answer on {PCSCF}:{port}"
     head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
     return int(head.split()[1]), body
 
