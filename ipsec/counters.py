@@ -17,6 +17,10 @@ TUNNELS_KEPT = "ipsec_tunnels_kept"  # re-registration kept the SAs in use
 TUNNELS_REKEYED = "ipsec_tunnels_rekeyed"  # a phone moved to new SAs, its old ones went
 REMOVED = "ipsec_tunnels_removed_"  # + cause
 DEREGISTRATION, EXPIRY, STARTUP = "dereg", "expiry", "startup"
+# a challenged phone never came back through its SAs (PENDING_LIFETIME), or a flood limit
+# took its pair; `ims-ipsec drop`/`flush` (outside Kamailio: noted in the store, counted by
+# the next sweep)
+UNCONFIRMED, OPERATOR = "unconfirmed", "operator"
 CREATE_FAILED = "ipsec_create_failed_"  # + cause
 PHONE, CORE, REFUSED, POOL, KERNEL, STORE, INTERNAL = (
     "phone", "core", "refused", "pool", "kernel", "store", "internal")
@@ -29,7 +33,7 @@ LEASES_FREE = "ipsec_leases_free"  # SPI pairs left
 TUNNELS_ACTIVE = "ipsec_tunnels_active"  # tunnels a contact uses (in use or pending)
 
 COUNTERS = (TUNNELS_CREATED, TUNNELS_KEPT, TUNNELS_REKEYED,
-            *(REMOVED + c for c in (DEREGISTRATION, EXPIRY, STARTUP)),
+            *(REMOVED + c for c in (DEREGISTRATION, EXPIRY, STARTUP, UNCONFIRMED, OPERATOR)),
             *(CREATE_FAILED + c for c in (PHONE, CORE, REFUSED, POOL, KERNEL, STORE, INTERNAL)),
             VERIFY_REFUSED, *(f"{REPLIES}{code}" for code in REPLY_CODES))
 GAUGES = (LEASES_USED, LEASES_FREE, TUNNELS_ACTIVE)

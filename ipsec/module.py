@@ -23,8 +23,8 @@ from .logtext import clean
 from .limits import Limits
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
-from .store import (Binding, Contact, Lease, SpiExhausted, Store, StoreError, Tunnel, UeLocks,
-                    UeSide)
+from .store import (PENDING, Binding, Contact, Lease, SpiExhausted, Store, StoreError, Tunnel,
+                    UeLocks, UeSide)
 from .xfrm import SA, Xfrm, XfrmError, XfrmExists
 
 # ipsec_create flags
@@ -464,6 +464,7 @@ class Module:
                 gone = self.store.evict([contact_id])
                 if gone:
                     self._remove_tunnels(gone)
+                    self.counters.count(stat.REMOVED + stat.UNCONFIRMED, len(gone))
                     self._info(f"contact {contact_id}: unconfirmed tunnel {host} spi-c="
                                f"{gone[0].lease.spi_pc} evicted to make room (limits of "
                                f"pending tunnels, see README: Security model)")
@@ -494,6 +495,7 @@ class Module:
         stale = self.store.drop_stale_pending(self.limits.pending_lifetime, now)
         if stale:
             self._remove_tunnels([t for _, t in stale])
+            self.counters.count(stat.REMOVED + stat.UNCONFIRMED, len(stale))
             for c, t in stale:
                 self._info(f"contact {c.id} {c.aor}: pending tunnel spi-c={t.lease.spi_pc} "
                            f"unused for {self.limits.pending_lifetime:.0f} s, removed")
@@ -675,8 +677,11 @@ class Module:
         """Expired contacts out; their tunnels count as de-registered when ipsec_destroy
         doomed them on a reply (`mark_deregistered`), as expired otherwise."""
         dereg = self.store.take_deregistered(c.id for c in expired)
+        unconfirmed = {c.id for c in expired if c.state == PENDING and c.id not in dereg}
         for group, cause in (([c for c in expired if c.id in dereg], stat.DEREGISTRATION),
-                             ([c for c in expired if c.id not in dereg], stat.EXPIRY)):
+                             ([c for c in expired if c.id in unconfirmed], stat.UNCONFIRMED),
+                             ([c for c in expired
+                               if c.id not in dereg and c.id not in unconfirmed], stat.EXPIRY)):
             if not group:
                 continue
             removed = self.store.delete_contacts([c.id for c in group],
@@ -684,10 +689,14 @@ class Module:
             self._remove_tunnels(removed)
             self.counters.count(stat.REMOVED + cause, len(removed))
             for c in group:
-                self._info(f"contact {c.id} {c.aor}: "
-                           f"{'de-registered' if cause == stat.DEREGISTRATION else 'expired'}, removed")
+                what = {stat.DEREGISTRATION: "de-registered",
+                        stat.UNCONFIRMED: "never came back through its SAs"}.get(cause, "expired")
+                self._info(f"contact {c.id} {c.aor}: {what}, removed")
 
     def _publish_gauges(self) -> None:
+        by_operator = self.store.take_operator_removals()
+        if by_operator:
+            self.counters.count(stat.REMOVED + stat.OPERATOR, by_operator)
         leased, pairs, active = self.store.usage()
         self.counters.gauge(stat.LEASES_USED, leased)
         self.counters.gauge(stat.LEASES_FREE, max(pairs - leased, 0))

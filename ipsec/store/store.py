@@ -858,6 +858,26 @@ class Store:
                 db.execute(f"DELETE FROM meta WHERE key IN ({marks})", keys)
         return found
 
+    def note_operator_removals(self, n: int) -> None:
+        """`ims-ipsec drop`/`flush` removed `n` tunnels behind Kamailio's back: noted (a
+        `meta` row) for the sweep to add to Kamailio's statistics."""
+        if n <= 0:
+            return
+        with self._tx() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('operator_removed', ?)"
+                       " ON CONFLICT (key) DO UPDATE SET value = value + excluded.value", (n,))
+
+    def take_operator_removals(self) -> int:
+        """How many removals `note_operator_removals` noted since the last call (a read when
+        there are none, so the sweep's second costs no write)."""
+        row = self._query("SELECT value FROM meta WHERE key = 'operator_removed'")
+        if not row or not row[0][0]:
+            return 0
+        with self._tx() as db:
+            n = db.execute("SELECT value FROM meta WHERE key = 'operator_removed'").fetchone()[0]
+            db.execute("DELETE FROM meta WHERE key = 'operator_removed'")
+        return int(n)
+
     def health(self) -> dict[str, object]:
         """What `ims-ipsec doctor` checks of the file itself (opening it already refused a
         schema of another version)."""

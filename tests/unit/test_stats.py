@@ -206,3 +206,25 @@ def test_gauges_survive_a_reset_and_counters_do_not():
     KSR.statistics.reset_stat(stat.LEASES_USED)
     assert values() == {stat.LEASES_USED: 7}
 
+
+
+def test_a_challenge_the_phone_never_used_counts_as_unconfirmed(counted):
+    from cli_support import challenged
+    challenged(counted, ue="10.0.0.9", aor="sip:carol@ims.example")
+    counted.clock.advance(counted.module.limits.pending_lifetime + 1)
+    assert counted.module.sweep() == 1 and counted.kernel.sas == {}
+    assert events() == {stat.TUNNELS_CREATED: 1, stat.REMOVED + stat.UNCONFIRMED: 1}
+
+
+def test_tunnels_an_operator_drops_with_the_cli_are_counted_at_the_next_sweep(counted):
+    from cli_support import Cli, sockets_of
+    from scenario import defines, listen_sockets
+    counted.registered()
+    cli = Cli(defines(counted.module.store.path), counted.kernel, counted.clock,
+              sockets_of(listen_sockets(counted.module.params)))
+    assert cli("drop", UE).code == 0 and counted.kernel.sas == {}
+    assert stat.REMOVED + stat.OPERATOR not in events()  # the CLI cannot reach Kamailio
+    assert counted.module.sweep() == 1
+    assert events()[stat.REMOVED + stat.OPERATOR] == 1
+    assert counted.module.sweep() == 1  # counted once
+    assert events()[stat.REMOVED + stat.OPERATOR] == 1
