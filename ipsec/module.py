@@ -16,14 +16,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from . import (challenge, headers, identities, limits as flood, reconcile, secagree,
-               tunnel as kernel, warm)
+from . import (challenge, counters as stat, headers, identities, limits as flood, reconcile,
+               secagree, tunnel as kernel, warm)
 from .algorithms import AlgorithmError
 from .logtext import clean
 from .limits import Limits
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
-from .store import Binding, Contact, Lease, Store, StoreError, Tunnel, UeLocks, UeSide
+from .store import (PENDING, Binding, Contact, Lease, SpiExhausted, Store, StoreError, Tunnel,
+                    UeLocks, UeSide)
 from .xfrm import SA, Xfrm, XfrmError, XfrmExists
 
 # ipsec_create flags
@@ -91,27 +92,53 @@ class Message(RequestView, Protocol):
 
 
 class Refused(Exception):
-    """A function cannot do its job for this message; the text says why (logged at error)."""
+    """A function cannot do its job for this message; the text says why (logged at error).
+    `cause`: the counter an ipsec_create failure counts under (ipsec/counters.py)."""
+
+    def __init__(self, text: str, cause: str = stat.REFUSED) -> None:
+        super().__init__(text)
+        self.cause = cause
+
+
+def _failure_cause(e: Exception) -> str:
+    if isinstance(e, Refused):
+        return e.cause
+    if isinstance(e, (secagree.SecAgreeError, headers.HeaderError, SipUriError)):
+        return stat.PHONE
+    if isinstance(e, SpiExhausted):
+        return stat.POOL
+    if isinstance(e, StoreError):
+        return stat.STORE
+    if isinstance(e, (XfrmError, AlgorithmError)):
+        return stat.KERNEL
+    return stat.INTERNAL
 
 
 def kemi_function(fn: Callable[..., int]) -> Callable[..., int]:
-    """1/-1 for Kamailio: refusals and any unexpected error are logged, never raised."""
+    """1/-1 for Kamailio: refusals and any unexpected error are logged, never raised; an
+    ipsec_create failure is counted by its cause."""
 
     @functools.wraps(fn)
     def wrapper(self: "Module", *args, **kwargs) -> int:
         try:
             return fn(self, *args, **kwargs)
-        except Refused as e:
-            self._err(f"{fn.__name__}: {e}")
-        except (secagree.SecAgreeError, headers.HeaderError, SipUriError) as e:
-            self._err(f"{fn.__name__}: bad message from the phone: {e}")
-        except (StoreError, XfrmError, AlgorithmError) as e:
-            self._err(f"{fn.__name__}: {type(e).__name__}: {e}")
         except Exception as e:  # noqa: BLE001 - nothing may escape into Kamailio
-            self._err(f"{fn.__name__}: internal error {type(e).__name__}: {e}")
+            self._err(f"{fn.__name__}: {_describe(e)}")
+            if fn.__name__ == "ipsec_create":
+                self.counters.count(stat.CREATE_FAILED + _failure_cause(e))
         return -1
 
     return wrapper
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, Refused):
+        return str(e)
+    if isinstance(e, (secagree.SecAgreeError, headers.HeaderError, SipUriError)):
+        return f"bad message from the phone: {e}"
+    if isinstance(e, (StoreError, XfrmError, AlgorithmError)):
+        return f"{type(e).__name__}: {e}"
+    return f"internal error {type(e).__name__}: {e}"
 
 
 def _sock(proto: str, host: str, port: int) -> str:
@@ -136,9 +163,11 @@ class Module:
     limits: Limits = Limits()
     marker: int = kernel.MARKER
     clock: Callable[[], float] = time.time
+    counters: stat.Counters = dataclasses.field(default_factory=stat.NoCounters)
 
     @classmethod
-    def from_defines(cls, get_def: Callable[[str], str], log: Log) -> "Module":
+    def from_defines(cls, get_def: Callable[[str], str], log: Log,
+                     counters: stat.Counters | None = None) -> "Module":
         """Build from kamailio.cfg defines (KSR.kx.get_def); a bad value raises ParamError."""
         params = Params.from_defines(get_def)
         for warning in params.warnings():
@@ -156,7 +185,8 @@ class Module:
                           max_connections=params.ipsec_max_connections,
                           pending_lifetime=limits.pending_lifetime)
             return cls(params, store, Xfrm(), log, UeLocks(path + ".lock"),
-                       expiry_grace=float(grace), limits=limits)
+                       expiry_grace=float(grace), limits=limits,
+                       counters=counters or stat.NoCounters())
         except (OSError, ValueError, StoreError) as e:
             raise ModuleError(f"store {path}: {e}") from None
 
@@ -298,6 +328,7 @@ class Module:
         """The tunnel a promotion replaced: out of the kernel, its lease back."""
         if old is not None:
             self._remove_tunnels([old])
+            self.counters.count(stat.TUNNELS_REKEYED)
 
     # -- ipsec_create ---------------------------------------------------------------------------
     @kemi_function
@@ -318,17 +349,17 @@ class Module:
             key = _binding_of(req)
         client = req.header("Security-Client")
         if not client:
-            raise Refused(f"REGISTER from {req.source()} has no Security-Client")
+            raise Refused(f"REGISTER from {req.source()} has no Security-Client", stat.PHONE)
         offer = secagree.choose_offer(secagree.parse_security_header(client),
                                       self.params.ipsec_preferred_alg,
                                       self.params.ipsec_preferred_ealg)
         challenge = msg.first_header("WWW-Authenticate")
         if not challenge:
-            raise Refused("401 without WWW-Authenticate")
+            raise Refused("401 without WWW-Authenticate", stat.CORE)
         try:
             ck, ik, stripped = secagree.extract_ck_ik(challenge)
         except secagree.SecAgreeError as e:
-            raise Refused(f"401 from the core has no usable keys: {e}") from None
+            raise Refused(f"401 from the core has no usable keys: {e}", stat.CORE) from None
         ue = UeSide(req.source().host, offer.spi_c, offer.spi_s, offer.port_c, offer.port_s)
         digest = self.store.keys_digest(ck, ik)
         with self.locks.held(ue.host):  # one phone's tunnels change in one worker at a time
@@ -383,6 +414,7 @@ class Module:
                 raise Refused(f"contact {done.contact_id}: {d.reason}")
             if d.action == challenge.KEEP:
                 self._info(f"contact {done.contact_id}: keeping tunnel spi-c={d.tunnel.lease.spi_pc}")
+                self.counters.count(stat.TUNNELS_KEPT)
                 return d.tunnel.security_server
             if d.action == challenge.CLEAR:
                 self._remove_tunnels([d.tunnel])
@@ -409,11 +441,13 @@ class Module:
             self._info(f"contact {done.contact_id}: tunnel {ue.host} spi-c={lease.spi_pc} "
                        f"spi-s={lease.spi_ps} port-c={lease.port_pc} port-s={lease.port_ps} "
                        f"alg={offer.alg} ealg={offer.ealg}")
+            self.counters.count(stat.TUNNELS_CREATED)
             return record.security_server
         if evictions > EVICTION_ROUNDS:
             raise Refused(f"no room after {EVICTION_ROUNDS} rounds of evicting unconfirmed "
-                          "tunnels (other workers took the pairs freed)")
-        raise Refused(f"the kernel refused {DUPLICATE_RETRIES} SPI leases as duplicates")
+                          "tunnels (other workers took the pairs freed)", stat.POOL)
+        raise Refused(f"the kernel refused {DUPLICATE_RETRIES} SPI leases as duplicates",
+                      stat.KERNEL)
 
     def _evict(self, victims: tuple[tuple[int, str], ...]) -> set[int]:
         """Unconfirmed contacts out to make room (ipsec/limits.py chose them), each under its
@@ -430,6 +464,7 @@ class Module:
                 gone = self.store.evict([contact_id])
                 if gone:
                     self._remove_tunnels(gone)
+                    self.counters.count(stat.REMOVED + stat.UNCONFIRMED, len(gone))
                     self._info(f"contact {contact_id}: unconfirmed tunnel {host} spi-c="
                                f"{gone[0].lease.spi_pc} evicted to make room (limits of "
                                f"pending tunnels, see README: Security model)")
@@ -460,6 +495,7 @@ class Module:
         stale = self.store.drop_stale_pending(self.limits.pending_lifetime, now)
         if stale:
             self._remove_tunnels([t for _, t in stale])
+            self.counters.count(stat.REMOVED + stat.UNCONFIRMED, len(stale))
             for c, t in stale:
                 self._info(f"contact {c.id} {c.aor}: pending tunnel spi-c={t.lease.spi_pc} "
                            f"unused for {self.limits.pending_lifetime:.0f} s, removed")
@@ -569,6 +605,7 @@ class Module:
         if verify is None and not required:
             return 1
         if not secagree.verify_matches(verify, contact.tunnel.security_server):
+            self.counters.count(stat.VERIFY_REFUSED)
             self._err(f"contact {contact.id}: Security-Verify {'missing' if verify is None else 'differs'}")
             return -1
         return 1
@@ -605,12 +642,15 @@ class Module:
         if deferred:
             # the sweep removes it once the reply through its SAs has left
             self.store.set_registered(contact.id, self.clock() + DEFERRED_TEARDOWN - self.expiry_grace)
+            self.store.mark_deregistered(contact.id)
             self._info(f"contact {contact.id} {contact.aor}: tunnel removed after this reply")
             return
         self._teardown(contact)
 
     def _teardown(self, contact: Contact) -> None:
-        self._remove_tunnels(self.store.delete_contacts([contact.id]))
+        removed = self.store.delete_contacts([contact.id])
+        self._remove_tunnels(removed)
+        self.counters.count(stat.REMOVED + stat.DEREGISTRATION, len(removed))
         self._info(f"contact {contact.id} {contact.aor}: removed")
 
     # -- housekeeping ---------------------------------------------------------------------------
@@ -620,20 +660,47 @@ class Module:
             now = self.clock()
             expired = self.store.expired(now, self.expiry_grace)
             if expired:
-                self._remove_tunnels(self.store.delete_contacts(
-                    [c.id for c in expired], expired_at=(now, self.expiry_grace)))
-                for c in expired:
-                    self._info(f"contact {c.id} {c.aor}: expired, removed")
+                self._remove_expired(expired, now)
             self._drop_stale_pending(now)
             self._remove_unused()
             released = self.store.reset_leases_if_empty()
             kernel.remove_all(self.xfrm, [self._spec_of(t) for t in released
                                           if isinstance(t, Tunnel)])
+            self._publish_gauges()
             self.store.checkpoint()
             return 1
         except Exception as e:  # noqa: BLE001 - a timer callback must not raise into Kamailio
             self._err(f"sweep: {type(e).__name__}: {e}")
             return -1
+
+    def _remove_expired(self, expired: list[Contact], now: float) -> None:
+        """Expired contacts out; their tunnels count as de-registered when ipsec_destroy
+        doomed them on a reply (`mark_deregistered`), as expired otherwise."""
+        dereg = self.store.take_deregistered(c.id for c in expired)
+        unconfirmed = {c.id for c in expired if c.state == PENDING and c.id not in dereg}
+        for group, cause in (([c for c in expired if c.id in dereg], stat.DEREGISTRATION),
+                             ([c for c in expired if c.id in unconfirmed], stat.UNCONFIRMED),
+                             ([c for c in expired
+                               if c.id not in dereg and c.id not in unconfirmed], stat.EXPIRY)):
+            if not group:
+                continue
+            removed = self.store.delete_contacts([c.id for c in group],
+                                                 expired_at=(now, self.expiry_grace))
+            self._remove_tunnels(removed)
+            self.counters.count(stat.REMOVED + cause, len(removed))
+            for c in group:
+                what = {stat.DEREGISTRATION: "de-registered",
+                        stat.UNCONFIRMED: "never came back through its SAs"}.get(cause, "expired")
+                self._info(f"contact {c.id} {c.aor}: {what}, removed")
+
+    def _publish_gauges(self) -> None:
+        by_operator = self.store.take_operator_removals()
+        if by_operator:
+            self.counters.count(stat.REMOVED + stat.OPERATOR, by_operator)
+        leased, pairs, active = self.store.usage()
+        self.counters.gauge(stat.LEASES_USED, leased)
+        self.counters.gauge(stat.LEASES_FREE, max(pairs - leased, 0))
+        self.counters.gauge(stat.TUNNELS_ACTIVE, active)
 
     def startup(self) -> None:
         """Before the fork: keep live tunnels whole in the kernel, flush the rest of ours.
@@ -675,6 +742,7 @@ class Module:
         for t, wrong in plan.dropped:
             self._err(f"start: tunnel spi-c={t.lease.spi_pc} of {t.ue.host} is not whole in the "
                       f"kernel ({'; '.join(wrong)}); dropped, its phone must register again")
+            self.counters.count(stat.REMOVED + stat.STARTUP)
         reconcile.apply(self.xfrm, plan)
         self.store.release_all(t.lease for t, _ in plan.dropped)
         self._info(f"start: kept {len(plan.kept)} live tunnel(s), dropped {len(plan.dropped)}, "

@@ -27,6 +27,7 @@ from kemi.core import Core, CoreError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
 from kemi.replies import drop as drop_reply, stray_reply  # noqa: E402
 from kemi.routing import Routing, refuse_challenge  # noqa: E402
+from kemi.stats import KsrCounters, metrics_request  # noqa: E402
 from kemi.workers import StartError, Workers, ensure_open_files  # noqa: E402
 
 DOMAIN = "location"
@@ -36,7 +37,7 @@ def mod_init():
     """Main process, before the fork: read the defines, reconcile kernel and store."""
     started = time.monotonic()
     try:
-        module = Module.from_defines(KSR.kx.get_def, log=KSR)
+        module = Module.from_defines(KSR.kx.get_def, log=KSR, counters=KsrCounters())
     except (ParamError, ModuleError) as e:
         KSR.err("ims-ipsec: refusing to start: %s\n" % e)
         return None
@@ -114,6 +115,11 @@ class kamailio:
     @_guarded(lambda: None)
     def ksr_register_failure(self, msg):
         return self.r.register_failure()
+
+    @_guarded(lambda: None)
+    def ksr_xhttp_event(self, msg, evname=None):
+        """xhttp (loaded when PROM_PORT is defined): the Prometheus scrape."""
+        return metrics_request(KSR.kx.get_def)
 
     @_guarded(lambda: None)
     def ksr_ipsec_sweep(self, msg, evname=None):

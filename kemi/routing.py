@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import KSR
 
-from ipsec import headers
+from ipsec import counters as stat, headers
 from ipsec.logtext import clean
 from ipsec.module import Module
 from kemi import identity
@@ -60,6 +60,7 @@ class Routing:
         KSR.info("ims-ipsec: %s from %s refused: not protected and not from the core\n"
                  % (clean(method), msg.source().host))
         KSR.sl.sl_send_reply(403, "Forbidden - Use Protected Port")
+        self._counted(403)
         return 1
 
     def _cancel(self, msg) -> int:
@@ -100,6 +101,7 @@ class Routing:
         if not msg.header("Security-Client"):
             KSR.hdr.append_to_reply("Require: sec-agree\r\n")
             KSR.sl.send_reply(421, "Extension Required")
+            self._counted(421)
             return 1
         if not msg.header("Contact"):
             KSR.sl.send_reply(400, "Bad Request - Contact")
@@ -115,14 +117,17 @@ class Routing:
             KSR.err("ims-ipsec: %s from %s on a protected port: unknown tunnel\n"
                     % (clean(method), msg.source()))
             KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")
+            self._counted(403)
             return 1
         if self.m.ipsec_forward(msg, self.domain) < 0:  # replies to the phone: through its SAs
             KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")
+            self._counted(403)
             return 1
         if not self._new_transaction(msg):
             return 1
         if self.m.check_security_verify(msg, contact, required=(method == "REGISTER")) < 0:
             KSR.sl.send_reply(403, "Forbidden - Security-Verify mismatch")
+            self._counted(403)
             return 1
         if method == "REGISTER":
             return self._relay_register(msg, protected=True)
@@ -208,7 +213,11 @@ class Routing:
         """The REGISTER's transaction failed: a 401 we could not protect becomes our 503."""
         if KSR.pv.get("$avp(ipsec_refused)") == 1:
             KSR.tm.t_reply(503, "Service Unavailable")
+            self._counted(503)
         return 1
 
     def sweep(self) -> None:
         self.m.sweep()
+
+    def _counted(self, code: int) -> None:
+        self.m.counters.count(f"{stat.REPLIES}{code}")

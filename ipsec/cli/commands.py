@@ -328,6 +328,7 @@ def cmd_drop(env: Env, target: str | None, contact_id: int | None) -> int:
     freed = store_call(lambda: store.delete_contacts([c.id for c in contacts]))
     data = {"dropped": [views.contact_row(c, env.clock(), None, env.config.marker)
                         for c in contacts], **remove_tunnels(env, freed)}
+    store_call(lambda: store.note_operator_removals(data["tunnels"]))  # Kamailio's counter
     env.emit(data, render.drop_text)
     return Exit.OK
 
@@ -399,6 +400,7 @@ def cmd_flush(env: Env, yes: bool) -> int:
     late = remove_tunnels(env, freed) if freed else {"leases_released": 0}
     data = {"contacts": len(ids), "sas": removed["sas"], "policies": removed["policies"],
             "leases_released": released + late["leases_released"]}
+    store_call(lambda: store.note_operator_removals(data["leases_released"]))
     env.emit(data, render.flush_text)
     return Exit.OK
 

@@ -830,6 +830,54 @@ class Store:
         rows = self._query(f"SELECT {_TUNNEL_COLUMNS}, t.leased_at FROM tunnels t ORDER BY t.id")
         return [(_tunnel_or_lease(row[:-1]), row[-1]) for row in rows]
 
+    def usage(self) -> tuple[int, int, int]:
+        """(SPI pairs leased, SPI pairs in the range, tunnels a contact uses): the gauges the
+        sweep publishes each second (two counts over the tunnels table, one snapshot)."""
+        with self._read() as db:
+            leased = db.execute("SELECT COUNT(*) FROM tunnels").fetchone()[0]
+            used = db.execute(f"SELECT COUNT(*) FROM tunnels t WHERE {_USED}").fetchone()[0]
+        return leased, (self.spi_last_pair - self.spi_start) // 2 + 1, used
+
+    def mark_deregistered(self, contact_id: int) -> None:
+        """A de-registration whose tunnel the sweep removes after its reply has left: noted
+        (a `meta` row) so the sweep counts that removal as a de-registration, not an expiry."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, 1)",
+                       (f"dereg:{contact_id}",))
+
+    def take_deregistered(self, contact_ids: Iterable[int]) -> set[int]:
+        """Which of these contacts `mark_deregistered` noted; the notes go."""
+        keys = [f"dereg:{i}" for i in contact_ids]
+        if not keys:
+            return set()
+        marks = ",".join("?" * len(keys))
+        with self._tx() as db:
+            found = {int(k.split(":")[1]) for (k,) in db.execute(
+                f"SELECT key FROM meta WHERE key IN ({marks})", keys)}
+            if found:
+                db.execute(f"DELETE FROM meta WHERE key IN ({marks})", keys)
+        return found
+
+    def note_operator_removals(self, n: int) -> None:
+        """`ims-ipsec drop`/`flush` removed `n` tunnels behind Kamailio's back: noted (a
+        `meta` row) for the sweep to add to Kamailio's statistics."""
+        if n <= 0:
+            return
+        with self._tx() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('operator_removed', ?)"
+                       " ON CONFLICT (key) DO UPDATE SET value = value + excluded.value", (n,))
+
+    def take_operator_removals(self) -> int:
+        """How many removals `note_operator_removals` noted since the last call (a read when
+        there are none, so the sweep's second costs no write)."""
+        row = self._query("SELECT value FROM meta WHERE key = 'operator_removed'")
+        if not row or not row[0][0]:
+            return 0
+        with self._tx() as db:
+            n = db.execute("SELECT value FROM meta WHERE key = 'operator_removed'").fetchone()[0]
+            db.execute("DELETE FROM meta WHERE key = 'operator_removed'")
+        return int(n)
+
     def health(self) -> dict[str, object]:
         """What `ims-ipsec doctor` checks of the file itself (opening it already refused a
         schema of another version)."""

@@ -207,6 +207,10 @@ def _r() -> Record:
     return rec
 _defs: dict[str, str] = {}
 _sockets: list[tuple[str, str, int]] = []
+# statistics: declared variables (modparam "statistics" "variable"), shared by all "workers"
+_stats: dict[str, int] = {}
+_stats_no_reset: set[str] = set()
+_stats_lock = threading.Lock()
 
 
 def _reset() -> None:
@@ -214,6 +218,17 @@ def _reset() -> None:
     _local.rec = Record()
     _defs.clear()
     _sockets.clear()
+    _stats.clear()
+    _stats_no_reset.clear()
+
+
+def _declare_stats(*variables: str) -> None:
+    """modparam("statistics", "variable", ...) lines: "name" or "name/no_reset"."""
+    for v in variables:
+        name, _, flag = v.partition("/")
+        _stats[name] = 0
+        if flag == "no_reset":
+            _stats_no_reset.add(name)
 
 
 def _defines(values: dict[str, str]) -> None:
@@ -301,6 +316,7 @@ def _log(level: str, text: str) -> None:
 
 _T_REQ = re.compile(r"\$T_req\((?P<inner>.+)\)")
 _AVP = re.compile(r"\$avp\((?P<name>[A-Za-z0-9_]+)\)")
+_STAT = re.compile(r"\$stat\((?P<name>[A-Za-z0-9_]+)\)")
 _HDR = re.compile(r"\$hdr\((?P<name>[^()]+)\)")
 _HDR_INDEX = re.compile(r"\$\(hdr\((?P<name>[^()]+)\)\[(?P<index>\*|-?\d+)\]\)")
 
@@ -317,6 +333,9 @@ def _eval(view: _View, name: str):
     m = _AVP.fullmatch(name)
     if m:
         return _r().avps.get(m["name"])
+    m = _STAT.fullmatch(name)
+    if m:
+        return _stats.get(m["name"])
     m = _T_REQ.fullmatch(name)
     if m:
         request = _r().request
@@ -372,6 +391,9 @@ def __getattr__(attr: str):
 
 
 def _pv_get(name: str):
+    m = _STAT.fullmatch(name)
+    if m:  # shared memory: no message needed (timer and event routes read it too)
+        return _stats.get(m["name"])
     return _eval(_current(), name)
 
 
@@ -618,6 +640,26 @@ def _process_maxfwd(limit: int) -> int:
     return 2
 
 
+def _update_stat(name: str, value: int) -> int:
+    """statistics.update_stat: an undeclared variable is an error line and -1, as in 5.6.3."""
+    with _stats_lock:
+        if name not in _stats:
+            _log("err", f"variable <{name}> not defined\n")
+            return -1
+        _stats[name] += int(value)
+    return 1
+
+
+def _reset_stat(name: str) -> int:
+    with _stats_lock:
+        if name not in _stats:
+            _log("err", f"variable <{name}> not defined\n")
+            return -1
+        if name not in _stats_no_reset:
+            _stats[name] = 0
+    return 1
+
+
 def _change_reply_status(code: int, reason: str) -> int:
     if _current().msg.is_request:
         raise RuntimeError("KSR double: change_reply_status called on a request")
@@ -646,6 +688,7 @@ maxfwd = _Namespace("maxfwd", process_maxfwd=_process_maxfwd)
 textopsx = _Namespace("textopsx", change_reply_status=_change_reply_status)
 kx = _Namespace("kx", get_def=lambda name: _defs.get(name, ""))
 set_drop = _drop
+statistics = _Namespace("statistics", update_stat=_update_stat, reset_stat=_reset_stat)
 setdsturi = _setdsturi
 is_myself_ruri = _is_myself_ruri
 

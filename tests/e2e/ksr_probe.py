@@ -32,7 +32,23 @@ def probe_request(KSR, pcscf: str, protected_port: int) -> dict:
     out["t_newtran again"] = KSR.tm.t_newtran()
     out["set_source_address"] = KSR.corex.set_source_address("udp:10.77.0.2:40998")
     out["$Rp, $sp after"] = [KSR.pv.get("$Rp"), KSR.pv.get("$sp")]
+    out.update(probe_statistics(KSR))
     return out
+
+
+def probe_statistics(KSR) -> dict:
+    """probe.cfg declares probe_counter and probe_gauge/no_reset (the double: _declare_stats)."""
+    st = KSR.statistics
+    return {"update_stat(probe_counter, 3)": st.update_stat("probe_counter", 3),
+            "update_stat(probe_counter, -1)": st.update_stat("probe_counter", -1),
+            "$stat(probe_counter)": KSR.pv.get("$stat(probe_counter)"),
+            "update_stat(probe_gauge, 5)": st.update_stat("probe_gauge", 5),
+            "reset_stat(probe_counter)": st.reset_stat("probe_counter"),
+            "reset_stat(probe_gauge)": st.reset_stat("probe_gauge"),
+            "$stat after resets": [KSR.pv.get("$stat(probe_counter)"),
+                                   KSR.pv.get("$stat(probe_gauge)")],
+            "update_stat(undeclared, 1)": st.update_stat("undeclared", 1),
+            "reset_stat(undeclared)": st.reset_stat("undeclared")}
 
 
 def probe_reply(KSR) -> dict:

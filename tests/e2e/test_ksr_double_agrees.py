@@ -83,6 +83,7 @@ def relayed_via(msg) -> tuple[str, int]:
 def _double(raw_reply: str) -> tuple[dict, dict]:
     KSR._reset()
     KSR._defines({"PROBE_DEF": '"x y"'})
+    KSR._declare_stats("probe_counter", "probe_gauge/no_reset")  # as probe.cfg
     KSR._listen(f"udp:{PCSCF}:5060", f"udp:{PCSCF}:5062")
     KSR._load_request(REQUEST, (UE, 40999, "udp"), (PCSCF, 5060))
     request = ksr_probe.probe_request(KSR, PCSCF, 5062)
