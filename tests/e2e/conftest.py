@@ -27,9 +27,7 @@ def kamailio(link, scscf, tmp_path_factory):
     k = Kamailio(link, tmp_path_factory.mktemp("kamailio"))
     k.start()
     yield k
-    k.stop()  # checks the state invariant first (tests/kernel/invariant.py)
-    errors = [l for l in k.log().splitlines() if "Unhandled exception" in l or "Traceback" in l]
-    assert not errors, "Python errors in Kamailio:\n" + "\n".join(errors)
+    k.stop_and_check()  # the state invariant (tests/kernel/invariant.py), then Python errors
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -164,6 +164,14 @@ class Kamailio:
         self._stop()
         assert not found, "store and kernel disagree:\n  " + "\n  ".join(found[:40])
 
+    def stop_and_check(self) -> None:
+        """The fixtures' teardown: stop (checking the state invariant), then no Python
+        exception may have reached Kamailio's log."""
+        self.stop()
+        errors = [l for l in self.log().splitlines()
+                  if "Unhandled exception" in l or "Traceback" in l]
+        assert not errors, "Python errors in Kamailio:\n" + "\n".join(errors)
+
     def _stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
