@@ -1,7 +1,9 @@
 """Kamailio restarted between two protected requests: no re-registration needed."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 
 import esp_net
 import invariant
@@ -57,3 +59,29 @@ def test_restart_drops_a_tunnel_whose_policies_are_gone_and_its_phone_registers_
     phone.full_registration()
     with through_esp(phone, "sa1", "sa3"):
         _message(phone)
+
+
+def test_kill_9_of_all_of_kamailio_mid_registration(link, scscf, kamailio):
+    """kill -9 of every Kamailio process while one phone is registered and another has only
+    had its 401 (its tunnel pending, its SAs in both kernels): after a restart store and
+    kernel agree (nothing of the half-done registration orphaned, nothing missing), the
+    registered phone is served through its SAs without registering again, and the other
+    phone, starting over with a new offer, registers and is served too."""
+    steady = Phone(link, scscf, user="steady9")
+    steady.full_registration()
+    halfway = Phone(link, scscf, user="halfway9")
+    halfway.challenge(protected=False)
+    os.killpg(kamailio.proc.pid, signal.SIGKILL)
+    kamailio.proc.wait(timeout=10)
+    kamailio.stop(check=False)  # whatever outlived the signal
+    kamailio.start()
+    invariant.assert_holds(link.pc, kamailio.store_path)
+    with through_esp(steady, "sa1", "sa3"):
+        _message(steady)
+    halfway.drop_sas(halfway.pending)
+    halfway.pending = None
+    halfway.new_offer()
+    halfway.full_registration()
+    with through_esp(halfway, "sa1", "sa3"):
+        _message(halfway)
+    invariant.assert_holds(link.pc, kamailio.store_path)
