@@ -18,9 +18,24 @@ from __future__ import annotations
 
 import math
 
+from .params import ParamError
+
 # How long past the sweep's own deadline the kernel waits: the sweep runs every second, so
 # this only has to cover a sweep delayed by a busy or restarting Kamailio.
 MARGIN = 60.0
+
+
+def margin_from(raw: str) -> float:
+    """LIFETIME_MARGIN from kamailio.cfg (whole seconds, 1..86400; empty: MARGIN)."""
+    if not raw:
+        return MARGIN
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ParamError(f"LIFETIME_MARGIN: {raw!r} is not an integer") from None
+    if not 1 <= value <= 86400:
+        raise ParamError(f"LIFETIME_MARGIN: {value} is out of range 1..86400")
+    return float(value)
 
 
 def pending_seconds(pending_lifetime: float, margin: float = MARGIN) -> int:

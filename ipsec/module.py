@@ -176,7 +176,7 @@ class Module:
         run_dir = (get_def("RUN_DIR") or "").strip('"') or "/var/run/kamailio"
         path = params.ipsec_store or os.path.join(run_dir, "ipsec-pcscf.sqlite")
         grace = (get_def("EXPIRY_GRACE") or "30").strip('"')
-        margin = (get_def("LIFETIME_MARGIN") or str(int(lifetimes.MARGIN))).strip('"')
+        margin = lifetimes.margin_from((get_def("LIFETIME_MARGIN") or "").strip().strip('"'))
         limits = Limits.from_defines(get_def, params.ipsec_spi_id_range // 2)
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -188,7 +188,7 @@ class Module:
                           pending_lifetime=limits.pending_lifetime)
             return cls(params, store, Xfrm(), log, UeLocks(path + ".lock"),
                        expiry_grace=float(grace), limits=limits,
-                       lifetime_margin=float(margin),
+                       lifetime_margin=margin,
                        counters=counters or stat.NoCounters())
         except (OSError, ValueError, StoreError) as e:
             raise ModuleError(f"store {path}: {e}") from None

@@ -141,7 +141,7 @@ def new_sa(sa: SA, algs: bytes | None = None) -> Request:
 def update_sa(sa: SA, algs: bytes | None = None) -> Request:
     """XFRM_MSG_UPDSA: on an existing valid SA the kernel takes only the lifetime (and
     encapsulation, care-of address) from the message; its keys and algorithms must be well
-    formed but are ignored (tests/kernel/test_lifetimes.py). No such SA: ESRCH."""
+    formed but are ignored (tests/kernel/test_lifetime_expiry.py). No such SA: ESRCH."""
     add = new_sa(sa, algs)
     return Request("update", sa, k.XFRM_MSG_UPDSA, REQUEST_ACK, add.body)
 

@@ -318,6 +318,18 @@ class Pcscf:
             f"Contact: <{contact}>;expires={expires}", *ok_extra)))
         return server
 
+    def refreshed(self, server: str, cseq: int, expires: int = 600, ue: str = UE,
+                  port_uc: int = PORT_UC):
+        """A re-registration through the SAs in use (`server` is their Security-Server) that
+        the core accepts without a challenge; returns the record of its 200 OK."""
+        reg = register(contact=f"sip:alice@{ue}:5060", via=f"{ue}:{port_uc}",
+                       security_verify=server, cseq=cseq, expires=expires)
+        rec = self.request(reg, source=(ue, port_uc, "udp"),
+                           local=(PCSCF, int(server_param(server, "port-s"))))
+        assert rec.relays, rec.log_text()
+        return self.register_reply(rec.relays[0], reply_to(reg, 200, "OK", (
+            f"Contact: <sip:alice@{ue}:5060>;expires={expires}",)))
+
 
 def server_param(value: str, name: str) -> str:
     for part in value.split(";"):

@@ -1,6 +1,6 @@
 """Kernel hard lifetimes (ipsec/lifetimes.py): the values computed, and what the module gives
 the kernel at the 401, at the 200 OK and at each refresh (fake kernel; the real kernel's
-behaviour is in tests/kernel/test_lifetimes.py)."""
+behaviour is in tests/kernel/test_lifetime_expiry.py)."""
 from __future__ import annotations
 
 import errno
@@ -9,9 +9,10 @@ import pytest
 
 import KSR
 from ipsec import lifetimes
+from ipsec.params import ParamError
 from ipsec.sipuri import Address
 from ipsec.xfrm import structs as k
-from scenario import PCSCF, PORT_UC, UE, Pcscf, challenge, register, reply_to, server_param
+from scenario import PCSCF, UE, Pcscf, challenge, register, reply_to
 
 EXPIRES, GRACE, PENDING, MARGIN = 600, 30, 30, lifetimes.MARGIN
 
@@ -26,6 +27,13 @@ def test_values():
     assert lifetimes.seconds(1090.0, added=1000.0, now=2000.0) == 1001
 
 
+def test_margin_define():
+    assert lifetimes.margin_from("") == MARGIN and lifetimes.margin_from("5") == 5.0
+    for bad in ("0", "x", "86401"):
+        with pytest.raises(ParamError):
+            lifetimes.margin_from(bad)
+
+
 def _hards(p: Pcscf) -> tuple[set[int], set[int]]:
     return ({s.hard for s in p.kernel.sas.values()},
             {pol.hard for pol in p.kernel.policies_by_id.values()})
@@ -33,16 +41,6 @@ def _hards(p: Pcscf) -> tuple[set[int], set[int]]:
 
 def _contact(p: Pcscf):
     return p.module.store.find_by_received(Address(UE, 5060, "udp"))
-
-
-def _refresh(p: Pcscf, server: str, cseq: int, expires: int = EXPIRES):
-    """A re-registration through the SAs in use that the core accepts without a challenge."""
-    reg = register(via=f"{UE}:{PORT_UC}", security_verify=server, cseq=cseq, expires=expires)
-    rec = p.request(reg, source=(UE, PORT_UC, "udp"),
-                    local=(PCSCF, int(server_param(server, "port-s"))))
-    assert rec.relays, rec.log_text()
-    return p.register_reply(rec.relays[0], reply_to(reg, 200, "OK", (
-        f"Contact: <sip:alice@{UE}:5060>;expires={expires}",)))
 
 
 def test_the_401_gives_the_pending_lifetime_and_margin(pcscf):
@@ -64,7 +62,7 @@ def test_the_200_ok_and_each_refresh_move_the_lifetime_to_expiry_grace_and_margi
     assert _hards(pcscf) == ({round(want - added)}, {round(want - pcscf.clock())})
     assert round(want - added) == EXPIRES + GRACE + MARGIN  # the fake clock did not move
     pcscf.clock.advance(400)
-    _refresh(pcscf, server, cseq=10)
+    pcscf.refreshed(server, cseq=10)
     want = lifetimes.registered_deadline(_contact(pcscf).expires, GRACE, MARGIN)
     sas, pols = _hards(pcscf)
     # SAs keep their add_time: 400 s since it, plus the whole new registration
@@ -80,7 +78,7 @@ def test_a_refused_renewal_is_logged_and_the_registration_stands(pcscf):
     before = _hards(pcscf)
     pcscf.kernel.refuse = lambda r: errno.ENOBUFS if r.type == k.XFRM_MSG_UPDSA else None
     pcscf.clock.advance(100)
-    _refresh(pcscf, server, cseq=11, expires=1200)
+    pcscf.refreshed(server, cseq=11, expires=1200)
     assert _contact(pcscf).expires == pytest.approx(pcscf.clock() + 1200)
     assert "not renewed" in "".join(KSR._rec.logs["err"])
     assert _hards(pcscf)[0] == before[0]  # the SAs kept their lifetime
@@ -90,6 +88,6 @@ def test_renewing_a_tunnel_the_kernel_lost_is_a_warning(pcscf):
     server = pcscf.registered()
     spi = _contact(pcscf).tunnel.lease.spi_pc
     del pcscf.kernel.sas[(PCSCF, spi)]
-    _refresh(pcscf, server, cseq=12)
+    pcscf.refreshed(server, cseq=12)
     assert "1 piece(s) not in the kernel" in "".join(KSR._rec.logs["warn"])
     assert len(pcscf.kernel.sas) == 3  # nothing re-created

@@ -13,11 +13,18 @@ from dataclasses import replace
 
 import pytest
 
+import invariant
+import test_module_kernel as tmk
 from esp_net import all_pairs_traffic, flush_ns, packet_counters, spis, tunnel_for, ue_install
 from ipsec.tunnel import MARKER, install, renew
 from ipsec.xfrm import Lifetime, Xfrm
 
 _index = itertools.count(300)
+xfrm = tmk.xfrm  # the fixture: a fresh namespace, the invariant checked at its end
+
+
+def xfrm_ns(x: Xfrm) -> str:
+    return x._netns
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +89,43 @@ def test_renewing_a_tunnel_the_kernel_dropped_reports_every_piece_missing(x):
     assert _wait_empty(x, 4)
     gone = renew(x, t, time.time() + 30, time.time())
     assert len(gone) == 8 and _count(x) == (0, 0)  # nothing re-created
+
+
+# -- through the module (its store and its clock), in a namespace of its own ---------------
+
+def _module_start(tmp_path, xfrm):
+    """A P-CSCF with short lifetimes: pending 5 s + margin 1 s; grace 1 s."""
+    p = tmk.start(tmp_path, xfrm, PENDING_LIFETIME="5", LIFETIME_MARGIN="1", EXPIRY_GRACE="1")
+    p.clock.now = time.time()
+    return p
+
+
+def test_the_kernel_removes_a_tunnel_the_module_forgot(tmp_path, xfrm):
+    """A store restored from an old copy (or a bug) forgets a tunnel the kernel holds: the
+    kernel removes its SAs and policies by itself, PENDING_LIFETIME + margin later."""
+    p = _module_start(tmp_path, xfrm)
+    status, _ = tmk.first_401(p)
+    assert status == 401
+    assert _count(xfrm) == (4, 4)
+    assert {s.hard for s in xfrm.states(MARKER)} == {6}
+    with p.module.store._tx() as db:  # forgotten, without the kernel being told
+        db.execute("DELETE FROM contacts")
+        db.execute("DELETE FROM tunnels")
+    assert _wait_empty(xfrm, 9)
+
+
+def test_a_registered_tunnel_refreshed_survives_its_earlier_lifetimes(tmp_path, xfrm):
+    p = _module_start(tmp_path, xfrm)
+    t0 = time.time()
+    server = p.registered(expires=10)  # 200 OK: lifetime to t0 + 10 + 1 + 1
+    assert invariant.problems(xfrm_ns(xfrm), p.module.store.path, lifetimes=True,
+                              ours_only=True) == []
+    time.sleep(max(0.0, t0 + 7.5 - time.time()))  # past the pending lifetime (6 s)
+    assert _count(xfrm) == (4, 4)
+    p.clock.now = time.time()
+    p.refreshed(server, cseq=10, expires=10)  # lifetime to t0 + 7.5 + 12
+    time.sleep(max(0.0, t0 + 14 - time.time()))  # past the first registration's (12 s)
+    assert _count(xfrm) == (4, 4)
+    hards = {s.hard for s in xfrm.states(MARKER)}
+    assert all(18 <= h <= 21 for h in hards), hards
+    p.clock.now = time.time()
