@@ -23,8 +23,8 @@ from .logtext import clean
 from .limits import Limits
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
-from .store import (PENDING, REGISTERED, Binding, Contact, Lease, SpiExhausted, Store, StoreError, Tunnel,
-                    UeLocks, UeSide)
+from .store import (PENDING, REGISTERED, Binding, Contact, Lease, SpiExhausted, Store,
+                    StoreError, Tunnel, UeLocks, UeSide)
 from .xfrm import SA, Lifetime, Xfrm, XfrmError, XfrmExists
 
 # ipsec_create flags
@@ -300,18 +300,26 @@ class Module:
         """The kernel lifetime of a registered contact's tunnel in use: its expiry + grace +
         margin (ipsec/lifetimes.py). A failure is logged, never a refusal: the registration
         stands, and at worst the kernel removes the SAs at their earlier lifetime (the
-        phone registers again)."""
+        phone registers again).
+
+        Under the phone's lock (a no-op inside ipsec_create, which holds it): no worker
+        removes the tunnel meanwhile, which matters because UPDPOLICY would add back a
+        policy removed between its GETPOLICY and the update."""
         c = self.store.get_contact(contact_id)
-        if c is None or c.tunnel is None or c.state != REGISTERED:
+        if c is None or c.tunnel is None:
             return
-        deadline = lifetimes.registered_deadline(c.expires, self.expiry_grace,
-                                                 self.lifetime_margin)
-        what = f"contact {c.id}: kernel lifetime of tunnel spi-c={c.tunnel.lease.spi_pc}"
-        try:
-            gone = kernel.renew(self.xfrm, self._spec_of(c.tunnel), deadline, self.clock())
-        except (XfrmError, OSError) as e:
-            self._err(f"{what} not renewed: {e}")
-            return
+        with self.locks.held(c.tunnel.ue.host):
+            c = self.store.get_contact(contact_id)  # as it stands now that we hold the lock
+            if c is None or c.tunnel is None or c.state != REGISTERED:
+                return
+            deadline = lifetimes.registered_deadline(c.expires, self.expiry_grace,
+                                                     self.lifetime_margin)
+            what = f"contact {c.id}: kernel lifetime of tunnel spi-c={c.tunnel.lease.spi_pc}"
+            try:
+                gone = kernel.renew(self.xfrm, self._spec_of(c.tunnel), deadline, self.clock())
+            except (XfrmError, OSError) as e:
+                self._err(f"{what} not renewed: {e}")
+                return
         if gone:
             self.log.warn(f"ims-ipsec: {what}: {len(gone)} piece(s) not in the kernel "
                           f"({clean(', '.join(map(str, gone)))})\n")
