@@ -12,7 +12,8 @@ from ipsec import lifetimes
 from ipsec.params import ParamError
 from ipsec.sipuri import Address
 from ipsec.xfrm import structs as k
-from scenario import PCSCF, UE, Pcscf, challenge, register, reply_to
+from scenario import (OFFER, PCSCF, PORT_UC, UE, Pcscf, challenge, register, reply_to,
+                      server_param)
 
 EXPIRES, GRACE, PENDING, MARGIN = 600, 30, 30, lifetimes.MARGIN
 
@@ -91,3 +92,34 @@ def test_renewing_a_tunnel_the_kernel_lost_is_a_warning(pcscf):
     pcscf.refreshed(server, cseq=12)
     assert "1 piece(s) not in the kernel" in "".join(KSR._rec.logs["warn"])
     assert len(pcscf.kernel.sas) == 3  # nothing re-created
+
+
+def test_pending_sas_that_a_challenged_register_came_through_get_the_registrations_lifetime(
+        pcscf):
+    """A REGISTER through the pending SAs that the core challenges again: they serve from
+    now on (promoted at the 401), so they get the registration's lifetime, not the
+    pending one they were installed with; the new pending SAs get the pending one."""
+    pcscf.clock.now = float(int(pcscf.clock.now))
+    old_server = pcscf.registered(expires=EXPIRES)
+
+    def challenged(offer_port: int, spi: int, verify: str, source_port: int,
+                   local_port: int) -> str:
+        offer = OFFER.replace(f"port-c={PORT_UC}", f"port-c={offer_port}") \
+            .replace("spi-c=1111", f"spi-c={spi}").replace("spi-s=2222", f"spi-s={spi + 1}")
+        reg = register(via=f"{UE}:{source_port}", security_client=offer,
+                       security_verify=verify, cseq=spi)
+        rec = pcscf.request(reg, source=(UE, source_port, "udp"), local=(PCSCF, local_port))
+        rec = pcscf.register_reply(rec.relays[0], reply_to(reg, 401, "Unauthorized", (
+            f"WWW-Authenticate: {challenge(ck='11' * 16)}",)))
+        return rec.values("Security-Server")[0]
+
+    pcscf.clock.advance(100)
+    first = challenged(32000, 7000, old_server, PORT_UC, int(server_param(old_server, "port-s")))
+    pcscf.clock.advance(5)
+    challenged(33000, 8000, first, 32000, int(server_param(first, "port-s")))
+    c = _contact(pcscf)
+    by_spi = {spi: s.hard for (_, spi), s in pcscf.kernel.sas.items()}
+    deadline = lifetimes.registered_deadline(c.expires, GRACE, MARGIN)
+    # installed at the first 401 (clock + 100), renewed at the second
+    assert by_spi[c.tunnel.lease.spi_pc] == round(deadline - (pcscf.clock() - 5))
+    assert by_spi[c.pending.lease.spi_pc] == PENDING + MARGIN
