@@ -16,16 +16,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from . import (challenge, counters as stat, headers, identities, limits as flood, reconcile,
-               secagree, tunnel as kernel, warm)
+from . import (challenge, counters as stat, headers, identities, lifetimes, limits as flood,
+               reconcile, secagree, tunnel as kernel, warm)
 from .algorithms import AlgorithmError
 from .logtext import clean
 from .limits import Limits
 from .params import Params
 from .sipuri import Address, SipUriError, hostport, parse_uri
-from .store import (PENDING, Binding, Contact, Lease, SpiExhausted, Store, StoreError, Tunnel,
-                    UeLocks, UeSide)
-from .xfrm import SA, Xfrm, XfrmError, XfrmExists
+from .store import (PENDING, REGISTERED, Binding, Contact, Lease, SpiExhausted, Store,
+                    StoreError, Tunnel, UeLocks, UeSide)
+from .xfrm import SA, Lifetime, Xfrm, XfrmError, XfrmExists
 
 # ipsec_create flags
 CREATE_DELETE_UNUSED = 0x01
@@ -161,6 +161,7 @@ class Module:
     locks: UeLocks
     expiry_grace: float = 30.0
     limits: Limits = Limits()
+    lifetime_margin: float = lifetimes.MARGIN  # kernel hard lifetimes: ipsec/lifetimes.py
     marker: int = kernel.MARKER
     clock: Callable[[], float] = time.time
     counters: stat.Counters = dataclasses.field(default_factory=stat.NoCounters)
@@ -175,6 +176,7 @@ class Module:
         run_dir = (get_def("RUN_DIR") or "").strip('"') or "/var/run/kamailio"
         path = params.ipsec_store or os.path.join(run_dir, "ipsec-pcscf.sqlite")
         grace = (get_def("EXPIRY_GRACE") or "30").strip('"')
+        margin = lifetimes.margin_from((get_def("LIFETIME_MARGIN") or "").strip().strip('"'))
         limits = Limits.from_defines(get_def, params.ipsec_spi_id_range // 2)
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -186,6 +188,7 @@ class Module:
                           pending_lifetime=limits.pending_lifetime)
             return cls(params, store, Xfrm(), log, UeLocks(path + ".lock"),
                        expiry_grace=float(grace), limits=limits,
+                       lifetime_margin=margin,
                        counters=counters or stat.NoCounters())
         except (OSError, ValueError, StoreError) as e:
             raise ModuleError(f"store {path}: {e}") from None
@@ -290,7 +293,36 @@ class Module:
             associated=identities.registered(msg.header("P-Associated-URI"),
                                              req.first_header("To")),
             service_route=identities.uri_list(msg.header("Service-Route"))))
+        self._renew(contact_id)
         return 1
+
+    def _renew(self, contact_id: int) -> None:
+        """The kernel lifetime of a registered contact's tunnel in use: its expiry + grace +
+        margin (ipsec/lifetimes.py). A failure is logged, never a refusal: the registration
+        stands, and at worst the kernel removes the SAs at their earlier lifetime (the
+        phone registers again).
+
+        Under the phone's lock (a no-op inside ipsec_create, which holds it): no worker
+        removes the tunnel meanwhile, which matters because UPDPOLICY would add back a
+        policy removed between its GETPOLICY and the update."""
+        c = self.store.get_contact(contact_id)
+        if c is None or c.tunnel is None:
+            return
+        with self.locks.held(c.tunnel.ue.host):
+            c = self.store.get_contact(contact_id)  # as it stands now that we hold the lock
+            if c is None or c.tunnel is None or c.state != REGISTERED:
+                return
+            deadline = lifetimes.registered_deadline(c.expires, self.expiry_grace,
+                                                     self.lifetime_margin)
+            what = f"contact {c.id}: kernel lifetime of tunnel spi-c={c.tunnel.lease.spi_pc}"
+            try:
+                gone = kernel.renew(self.xfrm, self._spec_of(c.tunnel), deadline, self.clock())
+            except (XfrmError, OSError) as e:
+                self._err(f"{what} not renewed: {e}")
+                return
+        if gone:
+            self.log.warn(f"ims-ipsec: {what}: {len(gone)} piece(s) not in the kernel "
+                          f"({clean(', '.join(map(str, gone)))})\n")
 
     def is_deregistration(self, msg: Message) -> bool:
         """Was the transaction's REGISTER a de-registration (every contact expires=0)?"""
@@ -402,6 +434,8 @@ class Module:
         for _ in range(DUPLICATE_RETRIES + 2 + EVICTION_ROUNDS):
             done = self.store.challenge(key, through, ue, decide, build, avoid, weigh, spare)
             self._retire(done.retired)
+            if done.retired is not None:  # the pending tunnel serves now: its registration's
+                self._renew(done.contact_id)  # lifetime, not its pending one
             through = None  # promoted (or not) once
             if done.evict:
                 evictions += 1
@@ -423,8 +457,10 @@ class Module:
                 continue
             record, lease = done.tunnel, done.tunnel.lease
             try:
-                kernel.install(self.xfrm, self._kernel_tunnel(pcscf, ue, lease, offer.alg,
-                                                              offer.ealg, ck, ik))
+                kernel.install(self.xfrm, dataclasses.replace(
+                    self._kernel_tunnel(pcscf, ue, lease, offer.alg, offer.ealg, ck, ik),
+                    lifetime=Lifetime(hard=lifetimes.pending_seconds(
+                        self.limits.pending_lifetime, self.lifetime_margin))))
             except XfrmExists as e:
                 self.store.release(lease)
                 if not _ours(e.what, lease):

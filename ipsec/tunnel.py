@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from ipsec import lifetimes
 from ipsec.algorithms import EspAlgs, esp_algs
 from ipsec.xfrm import (
     SA,
@@ -49,6 +50,8 @@ from ipsec.xfrm import (
     del_policy,
     del_sa,
     new_policy,
+    update_policy,
+    update_sa,
 )
 
 MARKER = 0x50435343
@@ -217,3 +220,53 @@ def remove_all(x: Xfrm, tunnels: Sequence[Tunnel]) -> list[SAId | PolicyId]:
         elif r is not None:
             raise r
     return missing
+
+
+def renew(x: Xfrm, tunnel: Tunnel, deadline: float, now: float) -> list[SAId | PolicyId]:
+    """Give the tunnel's 4 SAs and 4 policies a hard lifetime that ends at `deadline` (epoch
+    seconds), without its keys (they are never stored): returns the pieces that were gone.
+
+    SAs: XFRM_MSG_UPDSA copies only the lifetime into the existing SA (the keys in the
+    message, zeros of the right length, are ignored) and keeps its add_time, from which the
+    kernel counts: each SA's new value is computed from its own add_time (GETSA). Policies:
+    XFRM_MSG_UPDPOLICY replaces the policy (same selector, template and index, add_time now);
+    only a policy that is the tunnel's own (`holds`) is replaced, never another tunnel's on
+    the same flow. A refusal other than "not found" is raised after all were tried.
+    """
+    algs = esp_algs(tunnel.alg, tunnel.ealg, tunnel.ck, tunnel.ik)
+    alg_attrs = codec.alg_attrs(algs)
+    the_sas = sas(tunnel, algs)
+    found = x.get_states([SAId(sa.dst, sa.spi) for sa in the_sas])
+    results: list[XfrmError | None] = []
+    updates: list[Request] = []
+    for sa, have in zip(the_sas, found):
+        if isinstance(have, XfrmError):
+            results.append(have)
+            continue
+        hard = lifetimes.seconds(deadline, have.add_time, now)
+        updates.append(update_sa(_with_lifetime(sa, hard), alg_attrs))
+    pol_hard = lifetimes.seconds(deadline, now, now)
+    the_policies = policies(tunnel)
+    have_pols = x.get_policies([PolicyId(p.dir, p.sel) for p in the_policies])
+    for want, have in zip(the_policies, have_pols):
+        if isinstance(have, XfrmError):
+            results.append(have)
+        elif not holds(want, have):
+            results.append(XfrmNotFound("update", errno.ENOENT, PolicyId(want.dir, want.sel),
+                                        "the flow's policy is another tunnel's"))
+        else:
+            updates.append(update_policy(replace(want, lifetime=Lifetime(hard=pol_hard))))
+    results += x.batch(updates)
+    missing: list[SAId | PolicyId] = []
+    for r in results:
+        if isinstance(r, XfrmNotFound):
+            missing.append(r.what if not isinstance(r.what, (SA, Policy)) else
+                           SAId(r.what.dst, r.what.spi) if isinstance(r.what, SA)
+                           else PolicyId(r.what.dir, r.what.sel))
+        elif r is not None:
+            raise r
+    return missing
+
+
+def _with_lifetime(sa: SA, hard: int) -> SA:
+    return replace(sa, lifetime=Lifetime(hard=hard))

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, str] = {
     "IPSEC_STORE": '""',
     "RUN_DIR": '"/var/run/kamailio"',
     "EXPIRY_GRACE": "30",
+    "LIFETIME_MARGIN": "60",
     "CHILDREN": "4",
     "IPSEC_CHILDREN": "1",
     "TCP_LIFETIME": "120",

@@ -6,7 +6,7 @@
     x.states(user=MARKER); x.flush(MARKER)
 """
 from .client import Flushed, Xfrm
-from .codec import Request, del_policy, del_sa, new_policy, new_sa
+from .codec import Request, del_policy, del_sa, new_policy, new_sa, update_policy, update_sa
 from .errors import XfrmError, XfrmExists, XfrmNotFound
 from .model import (
     SA,
@@ -42,4 +42,6 @@ __all__ = [
     "del_sa",
     "new_policy",
     "new_sa",
+    "update_policy",
+    "update_sa",
 ]

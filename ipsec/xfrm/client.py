@@ -98,12 +98,13 @@ class Xfrm:
         return base
 
     def batch(self, requests: Sequence[codec.Request],
-              replies: dict[int, PolicyInfo] | None = None) -> list[XfrmError | None]:
+              replies: dict[int, PolicyInfo | SAInfo] | None = None
+              ) -> list[XfrmError | None]:
         """Send the requests in bounded datagrams, read every ACK; one result per request.
 
         The kernel handles each message of a datagram on its own: one refusal does not stop
         the others, so callers decide what a partial failure means. `replies` collects the
-        policies GETPOLICY requests are answered with, by request position.
+        policies and SAs GETPOLICY and GETSA requests are answered with, by request position.
         """
         results: list[XfrmError | None] = [None] * len(requests)
         with self._lock:
@@ -122,6 +123,14 @@ class Xfrm:
         errors = self.batch([codec.get_policy(pid) for pid in ids], replies)
         return [e if e is not None else replies.get(i) or XfrmNotFound(
                     "get", errno.ENOENT, ids[i], "no answer") for i, e in enumerate(errors)]
+
+    def get_states(self, ids: Sequence[SAId]) -> list[SAInfo | XfrmError]:
+        """The SAs of these (destination, SPI), as the kernel holds them (an XfrmNotFound
+        where there is none), in one batch."""
+        replies: dict[int, PolicyInfo | SAInfo] = {}
+        errors = self.batch([codec.get_sa(sid) for sid in ids], replies)
+        return [e if e is not None else replies.get(i) or XfrmNotFound(
+                    "get", errno.ESRCH, ids[i], "no answer") for i, e in enumerate(errors)]
 
     def _send_chunk(
         self, sock: socket.socket, requests: Sequence[codec.Request], start: int
@@ -157,7 +166,7 @@ class Xfrm:
         end: int,
         base: int,
         results: list[XfrmError | None],
-        replies: dict[int, PolicyInfo] | None = None,
+        replies: dict[int, PolicyInfo | SAInfo] | None = None,
     ) -> None:
         pending = end - start
         view = memoryview(self._buf)
@@ -177,6 +186,10 @@ class Xfrm:
                 elif (msg_type == k.XFRM_MSG_NEWPOLICY and replies is not None
                       and 0 <= k_ < end - start):
                     replies[start + k_] = codec.decode_policy(
+                        view, off + codec.HDR.size, off + length)
+                elif (msg_type == k.XFRM_MSG_NEWSA and replies is not None
+                      and 0 <= k_ < end - start):
+                    replies[start + k_] = codec.decode_sa(
                         view, off + codec.HDR.size, off + length)
                 off += (length + 3) & ~3
                 if length < codec.HDR.size:

@@ -138,6 +138,23 @@ def new_sa(sa: SA, algs: bytes | None = None) -> Request:
     return Request("add", sa, k.XFRM_MSG_NEWSA, _CREATE, body)
 
 
+def update_sa(sa: SA, algs: bytes | None = None) -> Request:
+    """XFRM_MSG_UPDSA: on an existing valid SA the kernel takes only the lifetime (and
+    encapsulation, care-of address) from the message; its keys and algorithms must be well
+    formed but are ignored (tests/kernel/test_lifetime_expiry.py). No such SA: ESRCH."""
+    add = new_sa(sa, algs)
+    return Request("update", sa, k.XFRM_MSG_UPDSA, REQUEST_ACK, add.body)
+
+
+def get_sa(sa_id: SAId) -> Request:
+    """XFRM_MSG_GETSA by destination and SPI: answered with the SA (an XFRM_MSG_NEWSA
+    message with this request's sequence number), then the ACK."""
+    body = _USERSA_ID.pack(
+        pack_addr(sa_id.dst), socket.htonl(sa_id.spi), family_of(sa_id.dst), sa_id.proto
+    )
+    return Request("get", sa_id, k.XFRM_MSG_GETSA, REQUEST_ACK, body)
+
+
 def del_sa(sa_id: SAId) -> Request:
     body = _USERSA_ID.pack(
         pack_addr(sa_id.dst), socket.htonl(sa_id.spi), family_of(sa_id.dst), sa_id.proto
@@ -172,6 +189,13 @@ def new_policy(policy: Policy) -> Request:
         + _nla(k.XFRMA["XFRMA_TMPL"], _template(policy.tmpl))
     )
     return Request("add", policy, k.XFRM_MSG_NEWPOLICY, _CREATE, body)
+
+
+def update_policy(policy: Policy) -> Request:
+    """XFRM_MSG_UPDPOLICY: replaces the policy on the same selector and direction (keeping
+    its index; the replacement's add_time is now), or adds it when there is none."""
+    add = new_policy(policy)
+    return Request("update", policy, k.XFRM_MSG_UPDPOLICY, REQUEST_ACK, add.body)
 
 
 def del_policy(policy_id: PolicyId) -> Request:
@@ -279,6 +303,7 @@ def decode_sa(buf: memoryview, offset: int, end: int) -> SAInfo:
         last_used=None if last is None else _U64.unpack_from(last)[0],
         replay=v[ix["stats.replay"]],
         integrity_failed=v[ix["stats.integrity_failed"]],
+        hard=_hard(v[ix["lft.hard_add_expires_seconds"]]),
     )
 
 
@@ -317,7 +342,12 @@ def decode_policy(buf: memoryview, offset: int, end: int) -> PolicyInfo:
         templates=_decode_templates(attrs.get(k.XFRMA["XFRMA_TMPL"])),
         add_time=v[ix["curlft.add_time"]],
         use_time=v[ix["curlft.use_time"]],
+        hard=_hard(v[ix["lft.hard_add_expires_seconds"]]),
     )
+
+
+def _hard(seconds: int) -> int:
+    return 0 if seconds == k.XFRM_INF else seconds
 
 
 def ack_error(buf: memoryview, offset: int, length: int, flags: int) -> tuple[int, str]:

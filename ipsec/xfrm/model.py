@@ -159,6 +159,7 @@ class SAInfo:
     last_used: int | None
     replay: int
     integrity_failed: int
+    hard: int = 0  # hard lifetime, seconds after add_time (0: none)
 
     @property
     def id(self) -> SAId:
@@ -177,6 +178,7 @@ class PolicyInfo:
     templates: tuple[Template, ...]
     add_time: int
     use_time: int
+    hard: int = 0  # hard lifetime, seconds after add_time (0: none)
 
     @property
     def id(self) -> PolicyId:

@@ -38,4 +38,4 @@ def through_esp(phone: Phone, *sa_names: str):
 def assert_store_matches_kernel(link, store_path, settle: float = 3.0) -> None:
     """The invariant (tests/kernel/invariant.py): every tunnel a contact uses has exactly its
     4 SAs and 4 policies in the P-CSCF's kernel, nothing else is there, no lease is leaked."""
-    invariant.assert_holds(link.pc, store_path, settle=settle)
+    invariant.assert_holds(link.pc, store_path, settle=settle, lifetimes=True)

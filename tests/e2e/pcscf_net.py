@@ -160,7 +160,7 @@ class Kamailio:
             return
         found: list[str] = []
         if check and self.proc.poll() is None and self.store_path.exists():
-            found = invariant.settled_problems(self.link.pc, self.store_path)
+            found = invariant.settled_problems(self.link.pc, self.store_path, lifetimes=True)
         self._stop()
         assert not found, "store and kernel disagree:\n  " + "\n  ".join(found[:40])
 

@@ -84,6 +84,7 @@ class FakeKernel:
         self.refuse: Callable[[Request], int | None] = lambda request: None
         self._index = itertools.count(8, 8)
         self.closed = 0
+        self.clock: Callable[[], float] = time.time  # the add_time of what is added
 
     def close(self) -> None:
         """As Xfrm.close: the socket goes, the kernel's tables stay."""
@@ -96,16 +97,29 @@ class FakeKernel:
         err = self.refuse(r)
         if err:
             return xfrm_error(r.op, err, r.what)
+        now = int(self.clock())
         if r.type == k.XFRM_MSG_NEWSA:
             sa = codec.decode_sa(memoryview(r.body), 0, len(r.body))
             if (sa.dst, sa.spi) in self.sas:
                 return XfrmExists(r.op, errno.EEXIST, r.what)
-            self.sas[(sa.dst, sa.spi)] = sa
+            self.sas[(sa.dst, sa.spi)] = replace(sa, add_time=now)
+        elif r.type == k.XFRM_MSG_UPDSA:  # a valid SA takes the lifetime only (as Linux)
+            sa = codec.decode_sa(memoryview(r.body), 0, len(r.body))
+            have = self.sas.get((sa.dst, sa.spi))
+            if have is None:
+                return XfrmNotFound(r.op, errno.ESRCH, r.what)
+            self.sas[(sa.dst, sa.spi)] = replace(have, hard=sa.hard)
         elif r.type == k.XFRM_MSG_NEWPOLICY:
             pol = codec.decode_policy(memoryview(r.body), 0, len(r.body))
             if (pol.dir, pol.sel) in self.policies_by_id:
                 return XfrmExists(r.op, errno.EEXIST, r.what)
-            self.policies_by_id[(pol.dir, pol.sel)] = replace(pol, index=next(self._index))
+            self.policies_by_id[(pol.dir, pol.sel)] = replace(pol, index=next(self._index),
+                                                              add_time=now)
+        elif r.type == k.XFRM_MSG_UPDPOLICY:  # replaced, same index, added now (as Linux)
+            pol = codec.decode_policy(memoryview(r.body), 0, len(r.body))
+            have = self.policies_by_id.get((pol.dir, pol.sel))
+            self.policies_by_id[(pol.dir, pol.sel)] = replace(
+                pol, index=have.index if have is not None else next(self._index), add_time=now)
         elif r.type == k.XFRM_MSG_DELSA:
             if self.sas.pop((r.what.dst, r.what.spi), None) is None:
                 return XfrmNotFound(r.op, errno.ESRCH, r.what)
@@ -126,6 +140,16 @@ class FakeKernel:
             found = self.policies_by_id.get((pid.dir, pid.sel))
             out.append(xfrm_error("get", err, pid) if err else found if found is not None
                        else XfrmNotFound("get", errno.ENOENT, pid))
+        return out
+
+    def get_states(self, ids) -> list:
+        """As Xfrm.get_states: the SA of each (destination, SPI), or not found."""
+        out = []
+        for sid in ids:
+            err = self.refuse(codec.get_sa(sid))
+            found = self.sas.get((sid.dst, sid.spi))
+            out.append(xfrm_error("get", err, sid) if err else found if found is not None
+                       else XfrmNotFound("get", errno.ESRCH, sid))
         return out
 
     def _policy_key(self, pid) -> tuple[Dir, Selector] | None:
@@ -254,6 +278,7 @@ class Pcscf:
         module = Module.from_defines(KSR.kx.get_def, log=KSR)
         kernel, clock = FakeKernel(), Clock()
         module.xfrm, module.clock = kernel, clock
+        kernel.clock = clock
         KSR._listen(*listen_sockets(module.params))
         return cls(module, Routing(module, KSR.kx.get_def, DOMAIN), kernel, clock)
 
@@ -292,6 +317,18 @@ class Pcscf:
         rec = self.register_reply(rec.relays[0], reply_to(protected, 200, "OK", (
             f"Contact: <{contact}>;expires={expires}", *ok_extra)))
         return server
+
+    def refreshed(self, server: str, cseq: int, expires: int = 600, ue: str = UE,
+                  port_uc: int = PORT_UC):
+        """A re-registration through the SAs in use (`server` is their Security-Server) that
+        the core accepts without a challenge; returns the record of its 200 OK."""
+        reg = register(contact=f"sip:alice@{ue}:5060", via=f"{ue}:{port_uc}",
+                       security_verify=server, cseq=cseq, expires=expires)
+        rec = self.request(reg, source=(ue, port_uc, "udp"),
+                           local=(PCSCF, int(server_param(server, "port-s"))))
+        assert rec.relays, rec.log_text()
+        return self.register_reply(rec.relays[0], reply_to(reg, 200, "OK", (
+            f"Contact: <sip:alice@{ue}:5060>;expires={expires}",)))
 
 
 def server_param(value: str, name: str) -> str:

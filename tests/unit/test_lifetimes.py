@@ -1,0 +1,125 @@
+"""Kernel hard lifetimes (ipsec/lifetimes.py): the values computed, and what the module gives
+the kernel at the 401, at the 200 OK and at each refresh (fake kernel; the real kernel's
+behaviour is in tests/kernel/test_lifetime_expiry.py)."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+import KSR
+from ipsec import lifetimes
+from ipsec.params import ParamError
+from ipsec.sipuri import Address
+from ipsec.xfrm import structs as k
+from scenario import (OFFER, PCSCF, PORT_UC, UE, Pcscf, challenge, register, reply_to,
+                      server_param)
+
+EXPIRES, GRACE, PENDING, MARGIN = 600, 30, 30, lifetimes.MARGIN
+
+
+def test_values():
+    assert lifetimes.pending_seconds(30, 60) == 90
+    assert lifetimes.pending_seconds(30.2, 0) == 31
+    assert lifetimes.registered_deadline(1000.0, 30, 60) == 1090.0
+    # counted from the entry's add_time, never ending earlier than a second from now
+    assert lifetimes.seconds(1090.0, added=1000.0, now=1010.0) == 90
+    assert lifetimes.seconds(1090.4, added=1000.0, now=1010.0) == 91
+    assert lifetimes.seconds(1090.0, added=1000.0, now=2000.0) == 1001
+
+
+def test_margin_define():
+    assert lifetimes.margin_from("") == MARGIN and lifetimes.margin_from("5") == 5.0
+    for bad in ("0", "x", "86401"):
+        with pytest.raises(ParamError):
+            lifetimes.margin_from(bad)
+
+
+def _hards(p: Pcscf) -> tuple[set[int], set[int]]:
+    return ({s.hard for s in p.kernel.sas.values()},
+            {pol.hard for pol in p.kernel.policies_by_id.values()})
+
+
+def _contact(p: Pcscf):
+    return p.module.store.find_by_received(Address(UE, 5060, "udp"))
+
+
+def test_the_401_gives_the_pending_lifetime_and_margin(pcscf):
+    reg = register()
+    rec = pcscf.request(reg)
+    pcscf.register_reply(rec.relays[0], reply_to(reg, 401, "Unauthorized", (
+        f"WWW-Authenticate: {challenge()}",)))
+    assert len(pcscf.kernel.sas) == 4
+    assert _hards(pcscf) == ({PENDING + MARGIN}, {PENDING + MARGIN})
+
+
+def test_the_200_ok_and_each_refresh_move_the_lifetime_to_expiry_grace_and_margin(pcscf):
+    pcscf.clock.now = float(int(pcscf.clock.now))  # whole seconds, as the kernel's add_time
+    server = pcscf.registered(expires=EXPIRES)
+    added = {s.add_time for s in pcscf.kernel.sas.values()}
+    assert len(added) == 1
+    (added,) = added
+    want = lifetimes.registered_deadline(_contact(pcscf).expires, GRACE, MARGIN)
+    assert _hards(pcscf) == ({round(want - added)}, {round(want - pcscf.clock())})
+    assert round(want - added) == EXPIRES + GRACE + MARGIN  # the fake clock did not move
+    pcscf.clock.advance(400)
+    pcscf.refreshed(server, cseq=10)
+    want = lifetimes.registered_deadline(_contact(pcscf).expires, GRACE, MARGIN)
+    sas, pols = _hards(pcscf)
+    # SAs keep their add_time: 400 s since it, plus the whole new registration
+    assert sas == {400 + EXPIRES + GRACE + MARGIN}
+    assert {s.add_time for s in pcscf.kernel.sas.values()} == {added}
+    # policies are replaced: counted from now
+    assert pols == {EXPIRES + GRACE + MARGIN}
+    assert len(pcscf.kernel.policies_by_id) == 4 and want - added == 400 + EXPIRES + GRACE + MARGIN
+
+
+def test_a_refused_renewal_is_logged_and_the_registration_stands(pcscf):
+    server = pcscf.registered()
+    before = _hards(pcscf)
+    pcscf.kernel.refuse = lambda r: errno.ENOBUFS if r.type == k.XFRM_MSG_UPDSA else None
+    pcscf.clock.advance(100)
+    pcscf.refreshed(server, cseq=11, expires=1200)
+    assert _contact(pcscf).expires == pytest.approx(pcscf.clock() + 1200)
+    assert "not renewed" in "".join(KSR._rec.logs["err"])
+    assert _hards(pcscf)[0] == before[0]  # the SAs kept their lifetime
+
+
+def test_renewing_a_tunnel_the_kernel_lost_is_a_warning(pcscf):
+    server = pcscf.registered()
+    spi = _contact(pcscf).tunnel.lease.spi_pc
+    del pcscf.kernel.sas[(PCSCF, spi)]
+    pcscf.refreshed(server, cseq=12)
+    assert "1 piece(s) not in the kernel" in "".join(KSR._rec.logs["warn"])
+    assert len(pcscf.kernel.sas) == 3  # nothing re-created
+
+
+def test_pending_sas_that_a_challenged_register_came_through_get_the_registrations_lifetime(
+        pcscf):
+    """A REGISTER through the pending SAs that the core challenges again: they serve from
+    now on (promoted at the 401), so they get the registration's lifetime, not the
+    pending one they were installed with; the new pending SAs get the pending one."""
+    pcscf.clock.now = float(int(pcscf.clock.now))
+    old_server = pcscf.registered(expires=EXPIRES)
+
+    def challenged(offer_port: int, spi: int, verify: str, source_port: int,
+                   local_port: int) -> str:
+        offer = OFFER.replace(f"port-c={PORT_UC}", f"port-c={offer_port}") \
+            .replace("spi-c=1111", f"spi-c={spi}").replace("spi-s=2222", f"spi-s={spi + 1}")
+        reg = register(via=f"{UE}:{source_port}", security_client=offer,
+                       security_verify=verify, cseq=spi)
+        rec = pcscf.request(reg, source=(UE, source_port, "udp"), local=(PCSCF, local_port))
+        rec = pcscf.register_reply(rec.relays[0], reply_to(reg, 401, "Unauthorized", (
+            f"WWW-Authenticate: {challenge(ck='11' * 16)}",)))
+        return rec.values("Security-Server")[0]
+
+    pcscf.clock.advance(100)
+    first = challenged(32000, 7000, old_server, PORT_UC, int(server_param(old_server, "port-s")))
+    pcscf.clock.advance(5)
+    challenged(33000, 8000, first, 32000, int(server_param(first, "port-s")))
+    c = _contact(pcscf)
+    by_spi = {spi: s.hard for (_, spi), s in pcscf.kernel.sas.items()}
+    deadline = lifetimes.registered_deadline(c.expires, GRACE, MARGIN)
+    # installed at the first 401 (clock + 100), renewed at the second
+    assert by_spi[c.tunnel.lease.spi_pc] == round(deadline - (pcscf.clock() - 5))
+    assert by_spi[c.pending.lease.spi_pc] == PENDING + MARGIN
