@@ -236,7 +236,9 @@ def renew(x: Xfrm, tunnel: Tunnel, deadline: float, now: float) -> list[SAId | P
     algs = esp_algs(tunnel.alg, tunnel.ealg, tunnel.ck, tunnel.ik)
     alg_attrs = codec.alg_attrs(algs)
     the_sas = sas(tunnel, algs)
-    found = x.get_states([SAId(sa.dst, sa.spi) for sa in the_sas])
+    the_policies = policies(tunnel)
+    found, have_pols = x.look_up([SAId(sa.dst, sa.spi) for sa in the_sas],
+                                 [PolicyId(p.dir, p.sel) for p in the_policies])
     results: list[XfrmError | None] = []
     updates: list[Request] = []
     for sa, have in zip(the_sas, found):
@@ -246,8 +248,6 @@ def renew(x: Xfrm, tunnel: Tunnel, deadline: float, now: float) -> list[SAId | P
         hard = lifetimes.seconds(deadline, have.add_time, now)
         updates.append(update_sa(_with_lifetime(sa, hard), alg_attrs))
     pol_hard = lifetimes.seconds(deadline, now, now)
-    the_policies = policies(tunnel)
-    have_pols = x.get_policies([PolicyId(p.dir, p.sel) for p in the_policies])
     for want, have in zip(the_policies, have_pols):
         if isinstance(have, XfrmError):
             results.append(have)

@@ -132,6 +132,19 @@ class Xfrm:
         return [e if e is not None else replies.get(i) or XfrmNotFound(
                     "get", errno.ESRCH, ids[i], "no answer") for i, e in enumerate(errors)]
 
+    def look_up(self, sa_ids: Sequence[SAId], policy_ids: Sequence[PolicyId]
+                ) -> tuple[list[SAInfo | XfrmError], list[PolicyInfo | XfrmError]]:
+        """get_states and get_policies in one batch: one round trip to the kernel."""
+        replies: dict[int, PolicyInfo | SAInfo] = {}
+        requests = [*(codec.get_sa(sid) for sid in sa_ids),
+                    *(codec.get_policy(pid) for pid in policy_ids)]
+        errors = self.batch(requests, replies)
+        ids = [*sa_ids, *policy_ids]
+        found = [e if e is not None else replies.get(i) or XfrmNotFound(
+                     "get", errno.ESRCH if i < len(sa_ids) else errno.ENOENT, ids[i], "no answer")
+                 for i, e in enumerate(errors)]
+        return found[:len(sa_ids)], found[len(sa_ids):]
+
     def _send_chunk(
         self, sock: socket.socket, requests: Sequence[codec.Request], start: int
     ) -> tuple[int, int]:

@@ -142,6 +142,10 @@ class FakeKernel:
                        else XfrmNotFound("get", errno.ENOENT, pid))
         return out
 
+    def look_up(self, sa_ids, policy_ids) -> tuple[list, list]:
+        """As Xfrm.look_up: get_states and get_policies together."""
+        return self.get_states(sa_ids), self.get_policies(policy_ids)
+
     def get_states(self, ids) -> list:
         """As Xfrm.get_states: the SA of each (destination, SPI), or not found."""
         out = []
