@@ -69,7 +69,7 @@ def test_curve_takes_the_first_sample_past_each_mark_and_the_last():
 
 def test_table_rows():
     text = table([Sample(1000, {1: 10, 2: 30})], "PSS")
-    assert "| 1000 | 2 | 40 | 30 |" in text and "total PSS KB" in text
+    assert "| 1000 | 2 | 40 | 0 | 30 | 0 |" in text and "total PSS KB" in text
 
 
 def test_read_kb_of_this_process_and_of_none():

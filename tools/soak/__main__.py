@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,7 +106,7 @@ def run_cycles(opts, engine: Engine, phones: list[SoakPhone], pcscf: Kamailio,
     """Rounds until `opts.cycles` cycles were started: every phone free to start one (not
     failed, not waiting for its last registration to expire) goes through every step.
     Returns the memory kind sampled (PSS or RSS)."""
-    kind, first = memory.sample(0, pcscf.processes())
+    kind, first = memory.sample(0, pcscf.processes(), shm_used_kb(pcscf))
     samples.append(first)
     started, next_report = 0, 1000
     while started < opts.cycles:
@@ -139,7 +141,7 @@ def run_cycles(opts, engine: Engine, phones: list[SoakPhone], pcscf: Kamailio,
                 else:
                     totals.dereg += 1
         done = totals.dereg + totals.expired
-        kind, s = memory.sample(done, pcscf.processes())
+        kind, s = memory.sample(done, pcscf.processes(), shm_used_kb(pcscf))
         samples.append(s)
         if done >= next_report or started >= opts.cycles:
             while next_report <= done:
@@ -148,6 +150,18 @@ def run_cycles(opts, engine: Engine, phones: list[SoakPhone], pcscf: Kamailio,
                 f"{sum(totals.failures.values())} failed; Kamailio {kind} {s.total} KB in "
                 f"{len(s.per_process)} processes, largest {s.largest} KB")
     return kind
+
+
+def shm_used_kb(k: Kamailio) -> int:
+    """Kamailio's own account of its shared memory pool in use (`kamcmd core.shmmem`,
+    real_used: with the allocator's overhead), 0 when ctl does not answer."""
+    try:
+        out = subprocess.run(["kamcmd", "-s", f"unix:{k.run_dir}/kamailio_ctl", "core.shmmem"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    m = re.search(r"real_used:\s*(\d+)", out)
+    return int(m.group(1)) // 1024 if m else 0
 
 
 def store_counts(path: Path) -> dict[str, int]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 class Sample:
     cycles: int  # cycles finished when the sample was taken
     per_process: dict[int, int]  # pid -> KB
+    anon: int = 0  # KB of the total that is private anonymous memory (Pss_Anon), 0 if unknown
+    shm_used: int = 0  # KB of Kamailio's shared memory pool in use (kamcmd core.shmmem), 0 if unknown
 
     @property
     def total(self) -> int:
@@ -39,14 +41,27 @@ def read_kb(pid: int) -> tuple[str, int] | None:
     return None
 
 
-def sample(cycles: int, pids: list[int]) -> tuple[str, Sample]:
-    per, kinds = {}, set()
+def read_anon_kb(pid: int) -> int:
+    """Pss_Anon of one process (private heap: Python objects, pkg memory), 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss_Anon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def sample(cycles: int, pids: list[int], shm_used: int = 0) -> tuple[str, Sample]:
+    per, kinds, anon = {}, set(), 0
     for pid in pids:
         got = read_kb(pid)
         if got is not None:
             kinds.add(got[0])
             per[pid] = got[1]
-    return "/".join(sorted(kinds)) or "none", Sample(cycles, per)
+            anon += read_anon_kb(pid)
+    return "/".join(sorted(kinds)) or "none", Sample(cycles, per, anon, shm_used)
 
 
 def curve(samples: list[Sample], every: int) -> list[Sample]:
@@ -104,7 +119,9 @@ def flatness(samples: list[Sample], threshold_pct: float) -> Verdict:
 
 
 def table(samples: list[Sample], kind: str) -> str:
-    lines = [f"| cycles done | Kamailio processes | total {kind} KB | largest process KB |",
-             "|---:|---:|---:|---:|"]
-    lines += [f"| {s.cycles} | {len(s.per_process)} | {s.total} | {s.largest} |" for s in samples]
+    lines = [f"| cycles done | Kamailio processes | total {kind} KB | of which anonymous KB "
+             f"| largest process KB | shm pool in use KB |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {s.cycles} | {len(s.per_process)} | {s.total} | {s.anon} | {s.largest} "
+              f"| {s.shm_used} |" for s in samples]
     return "\n".join(lines)
