@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest -p no:cacheprovider --color=no
 STAMP  := .stamp
 
-.PHONY: install test unit kernel bench demo load run fuzz clean
+.PHONY: install test unit kernel bench demo load soak run fuzz clean
 
 install: $(STAMP)/apt $(STAMP)/venv kamailio.paths.cfg
 
@@ -55,6 +55,16 @@ load: install
 	$(if $(KEEP),mkdir -p $(abspath $(KEEP)))
 	LOAD_ARGS="--phones $(N) --in-flight $(K)$(if $(KEEP), --keep $(abspath $(KEEP))) $(LOAD_ARGS)" \
 	  tools/with-esp $(PY) -m tools.load
+
+# CYCLES register / re-key / MO+MT / de-register-or-expire cycles over SOAK_N phones through
+# the P-CSCF with real ESP (tools/soak), then 0 leaks and flat memory, e.g.
+# make soak [SOAK_N=200 CYCLES=10000] [SOAK_ARGS='--expire-every 5 --short-expires 5 --grace 2'].
+SOAK_N ?= 200
+CYCLES ?= 10000
+soak: install
+	$(if $(KEEP),mkdir -p $(abspath $(KEEP)))
+	SOAK_ARGS="--phones $(SOAK_N) --cycles $(CYCLES)$(if $(KEEP), --keep $(abspath $(KEEP))) $(SOAK_ARGS)" \
+	  tools/with-esp $(PY) -m tools.soak
 
 # The P-CSCF on this host, in the foreground, for real deployments: defines as make
 # variables or in the environment, e.g. make run PCSCF_IP=10.0.0.1 NEXT_HOP='"sip:10.0.0.2"'

@@ -89,9 +89,10 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(hard, needed)))
 
 
-def make_phones(engine: Engine, link: Link, offer: tuple[str, str]) -> list[Phone]:
+def make_phones(engine: Engine, link: Link, offer: tuple[str, str],
+                cls: type[Phone] = Phone) -> list[Phone]:
     """The phones and their 4 sockets each (plain, port_us, two client ports), all watched."""
-    phones = [Phone(i, ip, PHONE_BASE_PORT + 4 * (i % PORT_SLOTS), engine, offer)
+    phones = [cls(i, ip, PHONE_BASE_PORT + 4 * (i % PORT_SLOTS), engine, offer)
               for i, ip in enumerate(link.phones)]
     ports = [(p, port) for p in phones for port in (p.port_plain, p.port_us, *p.ports_uc)]
     socks = udp_sockets(link.ue, [(p.ip, port) for p, port in ports])

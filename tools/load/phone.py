@@ -51,6 +51,7 @@ class Phone:
         self.pending_server = ""
         self.previous: UeTunnel | None = None  # the SA set a re-key replaced
         self.nonce, self.res = "", ""
+        self.expires = EXPIRES  # what our REGISTERs ask for (tools/soak: short, or 0)
         self.failed: str | None = None
         self.mt_seen = False
         self.in_phase = False  # engine-owned: counted in the running phase
@@ -95,8 +96,8 @@ class Phone:
                 f"To: <{self.aor}>\r\n"
                 f"Call-ID: {self.call_id}\r\n"
                 f"CSeq: {self.cseq} REGISTER\r\n"
-                f"Contact: <sip:{user}@{ip}:{self.port_us}>;expires={EXPIRES}\r\n"
-                f"Expires: {EXPIRES}\r\n"
+                f"Contact: <sip:{user}@{ip}:{self.port_us}>;expires={self.expires}\r\n"
+                f"Expires: {self.expires}\r\n"
                 f"Supported: path, sec-agree\r\n"
                 f"Require: sec-agree\r\n"
                 f"Proxy-Require: sec-agree\r\n"
