@@ -263,9 +263,12 @@ def _canonical(values: str | list[str]) -> frozenset[tuple[str, frozenset[tuple[
     )
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)
 def _canonical_text(value: str) -> frozenset[tuple[str, frozenset[tuple[str, object]]]]:
-    """Cached: each protected request compares against the same Security-Server again."""
+    """Cached: each protected request compares against the same Security-Server again. Every
+    tunnel has its own text, so the cache holds the phones a worker serves now. An entry is
+    ~2.7 KB (frozensets): the 4,096 entries this cache had were ~11 MB a worker once full,
+    filled slowly over hours of re-keys (what `make soak` saw grow)."""
     return _canonical([value])
 
 

@@ -43,7 +43,7 @@ class SipUri:
     params: dict[str, str]
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=4096)
 def normalize_host(host: str) -> str:
     """One spelling per address, so `[2001:DB8::1]` and `2001:db8:0::1` compare equal.
 
