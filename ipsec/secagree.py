@@ -267,8 +267,9 @@ def _canonical(values: str | list[str]) -> frozenset[tuple[str, frozenset[tuple[
 def _canonical_text(value: str) -> frozenset[tuple[str, frozenset[tuple[str, object]]]]:
     """Cached: each protected request compares against the same Security-Server again. Every
     tunnel has its own text, so the cache holds the phones a worker serves now. An entry is
-    ~2.7 KB (frozensets): the 4,096 entries this cache had were ~11 MB a worker once full,
-    filled slowly over hours of re-keys (what `make soak` saw grow)."""
+    ~2.7 KB (frozensets, measured): the 4,096 entries this cache had come to ~11 MB a worker
+    once full (computed), filled slowly as tunnels re-key (`make soak` grew until a
+    smaller cache, README: Soak)."""
     return _canonical([value])
 
 

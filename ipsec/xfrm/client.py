@@ -119,18 +119,12 @@ class Xfrm:
     def get_policies(self, ids: Sequence[PolicyId]) -> list[PolicyInfo | XfrmError]:
         """The policies on these selectors and directions, as the kernel holds them (an
         XfrmNotFound where there is none), in one batch."""
-        replies: dict[int, PolicyInfo] = {}
-        errors = self.batch([codec.get_policy(pid) for pid in ids], replies)
-        return [e if e is not None else replies.get(i) or XfrmNotFound(
-                    "get", errno.ENOENT, ids[i], "no answer") for i, e in enumerate(errors)]
+        return self.look_up([], ids)[1]
 
     def get_states(self, ids: Sequence[SAId]) -> list[SAInfo | XfrmError]:
         """The SAs of these (destination, SPI), as the kernel holds them (an XfrmNotFound
         where there is none), in one batch."""
-        replies: dict[int, PolicyInfo | SAInfo] = {}
-        errors = self.batch([codec.get_sa(sid) for sid in ids], replies)
-        return [e if e is not None else replies.get(i) or XfrmNotFound(
-                    "get", errno.ESRCH, ids[i], "no answer") for i, e in enumerate(errors)]
+        return self.look_up(ids, [])[0]
 
     def look_up(self, sa_ids: Sequence[SAId], policy_ids: Sequence[PolicyId]
                 ) -> tuple[list[SAInfo | XfrmError], list[PolicyInfo | XfrmError]]:
