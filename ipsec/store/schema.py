@@ -83,6 +83,8 @@ MIGRATIONS = {
 
 
 WAL_AUTOCHECKPOINT_PAGES = 20000
+WAL_RESTART_FRAMES = 2048  # 8 MB of 4 KB pages: the sweep rewinds the WAL past this (Store.checkpoint)
+WAL_RESTART_WAIT_MS = 100  # how long that rewind waits for readers of older snapshots
 
 
 def create_file(path: str) -> None:
