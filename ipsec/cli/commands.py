@@ -9,13 +9,15 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ipsec import tunnel as kernel
 from ipsec.algorithms import esp_algs
 from ipsec.store import Contact, Lease, Store, StoreError, Tunnel
+from ipsec.store.locks import UeLocks
 from ipsec.store.records import SchemaMismatch
 from ipsec.xfrm import SA, SAId, Selector, XfrmError, XfrmNotFound, del_policy, del_sa, new_sa
 from ipsec.xfrm.netns import entered
@@ -323,14 +325,44 @@ def remove_tunnels(env: Env, freed: Sequence[Tunnel | Lease]) -> dict:
 
 
 def cmd_drop(env: Env, target: str | None, contact_id: int | None) -> int:
+    """Each contact goes under its phone's lock, the one Kamailio's workers hold while they
+    change that phone's tunnels: a worker renewing the tunnel's kernel lifetime reads its
+    policy, then updates it, and an update re-adds a policy removed in between (a stray
+    only its lifetime would end); a worker re-keying must not see half a drop either."""
     contacts = find_contacts(env, target, contact_id)
     store = env.store()
-    freed = store_call(lambda: store.delete_contacts([c.id for c in contacts]))
+    locks = UeLocks(env.config.store_path + ".lock")
+    removed = {"tunnels": 0, "pieces_removed": 0, "pieces_already_gone": 0,
+               "leases_released": 0}
+    try:
+        for c in contacts:
+            with ExitStack() as held:
+                for host in sorted({t.ue.host for t in (c.tunnel, c.pending) if t is not None}):
+                    held.enter_context(_phone_lock(locks, host))
+                freed = store_call(lambda: store.delete_contacts([c.id]))  # noqa: B023
+                for key, n in remove_tunnels(env, freed).items():
+                    removed[key] += n
+    finally:
+        locks.close()
     data = {"dropped": [views.contact_row(c, env.clock(), None, env.config.marker)
-                        for c in contacts], **remove_tunnels(env, freed)}
+                        for c in contacts], **removed}
     store_call(lambda: store.note_operator_removals(data["tunnels"]))  # Kamailio's counter
     env.emit(data, render.drop_text)
     return Exit.OK
+
+
+@contextmanager
+def _phone_lock(locks: UeLocks, host: str) -> Iterator[None]:
+    try:
+        held = locks.held(host)
+        held.__enter__()
+    except OSError as e:
+        raise CliError(Exit.PERMISSION, f"cannot take the phones' lock in {locks.path}: "
+                       f"{e.strerror} (run as the user Kamailio runs as)") from None
+    try:
+        yield
+    finally:
+        held.__exit__(None, None, None)
 
 
 def flush_kernel(env: Env, progress: Progress) -> dict[str, int]:

@@ -13,6 +13,8 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -594,3 +596,31 @@ def test_python_m_ipsec_and_the_console_script(tmp_path):
     script = Path(sys.executable).parent / "ims-ipsec"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "exit codes: 0 ok" in done.stdout
+
+
+def test_drop_waits_for_the_worker_holding_the_phones_lock(pcscf, cli):
+    """A worker renewing the tunnel's lifetime (or re-keying) holds the phone's lock; a drop
+    in the middle of it would let its policy update add back a policy just removed."""
+    pcscf.registered()
+    store = pcscf.module.store
+    inside = threading.Event()
+    seen: list[bool] = []
+
+    def worker() -> None:
+        with pcscf.module.locks.held(UE):
+            inside.set()
+            time.sleep(0.3)
+            seen.append(bool(Store(store.path, spi_start=4096, spi_range=1000,
+                                   client_port=5100, server_port=5200,
+                                   max_connections=10).find_by_aor(AOR)))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(2)
+    t0 = time.monotonic()
+    ran = cli("drop", AOR)
+    t.join()
+    assert ran.code == 0 and ran.out.startswith("dropped contact 1")
+    assert seen == [True]  # the contact was still there all the while the lock was held
+    assert time.monotonic() - t0 >= 0.2
+    assert pcscf.kernel.sas == {} and pcscf.kernel.policies_by_id == {}
