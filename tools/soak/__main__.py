@@ -102,7 +102,8 @@ class Totals:
 
 
 def run_cycles(opts, engine: Engine, phones: list[SoakPhone], pcscf: Kamailio,
-               totals: Totals, samples: list[memory.Sample]) -> str:
+               totals: Totals, samples: list[memory.Sample],
+               maps_first: dict[int, dict[str, int]]) -> str:
     """Rounds until `opts.cycles` cycles were started: every phone free to start one (not
     failed, not waiting for its last registration to expire) goes through every step.
     Returns the memory kind sampled (PSS or RSS)."""
@@ -143,6 +144,8 @@ def run_cycles(opts, engine: Engine, phones: list[SoakPhone], pcscf: Kamailio,
         done = totals.dereg + totals.expired
         kind, s = memory.sample(done, pcscf.processes(), shm_used_kb(pcscf))
         samples.append(s)
+        if not maps_first:
+            maps_first.update({pid: memory.mappings_kb(pid) for pid in s.per_process})
         if done >= next_report or started >= opts.cycles:
             while next_report <= done:
                 next_report += 1000
@@ -152,16 +155,45 @@ def run_cycles(opts, engine: Engine, phones: list[SoakPhone], pcscf: Kamailio,
     return kind
 
 
+def kamcmd(k: Kamailio, command: str) -> str:
+    """One command over the P-CSCF's ctl socket; '' when it does not answer."""
+    try:
+        return subprocess.run(["kamcmd", "-s", f"unix:{k.run_dir}/kamailio_ctl", command],
+                              capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def shm_used_kb(k: Kamailio) -> int:
     """Kamailio's own account of its shared memory pool in use (`kamcmd core.shmmem`,
     real_used: with the allocator's overhead), 0 when ctl does not answer."""
-    try:
-        out = subprocess.run(["kamcmd", "-s", f"unix:{k.run_dir}/kamailio_ctl", "core.shmmem"],
-                             capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
+    out = kamcmd(k, "core.shmmem")
     m = re.search(r"real_used:\s*(\d+)", out)
     return int(m.group(1)) // 1024 if m else 0
+
+
+def print_growth(grown, roles: dict[int, str], maps_first: dict[int, dict[str, int]],
+                 maps_last: dict[int, dict[str, int]]) -> None:
+    """The processes that grew most, with their role and where in their memory it went."""
+    if not grown:
+        return
+    print("\nprocesses that grew most (KB: after the first round, mid-run, at the end; "
+          "Pss by mapping first -> last):")
+    for pid, first, mid, last in grown:
+        a, b = maps_first.get(pid, {}), maps_last.get(pid, {})
+        parts = ", ".join(f"{k} {a.get(k, 0)} -> {b.get(k, 0)}"
+                          for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0))
+        print(f"  pid {pid} ({roles.get(pid, '?')}): {first} -> {mid} -> {last} ({last - first:+d}); "
+              f"{parts or 'no mapping changed'}")
+
+
+def store_files_kb(path: Path) -> str:
+    """Sizes of the store's files: the WAL must not grow with the run (Store.checkpoint)."""
+    sizes = []
+    for suffix in ("", "-wal", "-shm"):
+        f = Path(f"{path}{suffix}")
+        sizes.append(f"{f.name} {f.stat().st_size // 1024 if f.exists() else 0} KB")
+    return ", ".join(sizes)
 
 
 def store_counts(path: Path) -> dict[str, int]:
@@ -223,6 +255,10 @@ def main(argv: list[str]) -> int:
     pcscf: Kamailio | None = None
     phones: list[SoakPhone] = []
     broken, leaks, errors, kind, run_time = "", [], [], "PSS", 0.0
+    roles: dict[int, str] = {}
+    maps_first: dict[int, dict[str, int]] = {}
+    grown, maps_last = [], {}
+    files = ""
     try:
         phones = make_phones(engine, link, (opts.alg, opts.ealg), SoakPhone)
         make_stub(engine, link)
@@ -232,9 +268,13 @@ def main(argv: list[str]) -> int:
         engine.watchdog = pcscf.check_alive
         say(f"P-CSCF up: {len(pcscf.processes())} processes, {took:.1f} s")
         t_run = time.monotonic()
-        kind = run_cycles(opts, engine, phones, pcscf, totals, samples)
+        roles = memory.parse_psx(kamcmd(pcscf, "core.psx"))
+        kind = run_cycles(opts, engine, phones, pcscf, totals, samples, maps_first)
         run_time = time.monotonic() - t_run
+        grown = memory.growth_by_process(samples)[:3]
+        maps_last = {pid: memory.mappings_kb(pid) for pid, *_ in grown}
         leaks = final_checks(opts, link, run_dir / "ipsec-pcscf.sqlite", phones)
+        files = store_files_kb(run_dir / "ipsec-pcscf.sqlite")
         pcscf.check_alive()
     except RuntimeError as e:
         broken = str(e)
@@ -260,8 +300,10 @@ def main(argv: list[str]) -> int:
         print(f"  note {n}x: {note}")
     print(f"\nKamailio memory ({kind} per process, sampled after every round):\n")
     print(memory.table(memory.curve(samples, 1000), kind))
+    print_growth(grown, roles, maps_first, maps_last)
     verdict = memory.flatness(samples, opts.threshold)
     print(f"\nmemory: {'FLAT' if verdict.flat else 'NOT FLAT'}: {verdict.why}")
+    print(f"store files at the end: {files}")
     print(f"leaks: {'none' if not leaks else len(leaks)}")
     for line in leaks[:40]:
         print(f"  LEAK: {line}")

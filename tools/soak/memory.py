@@ -125,3 +125,64 @@ def table(samples: list[Sample], kind: str) -> str:
     lines += [f"| {s.cycles} | {len(s.per_process)} | {s.total} | {s.anon} | {s.largest} "
               f"| {s.shm_used} |" for s in samples]
     return "\n".join(lines)
+
+
+def parse_psx(text: str) -> dict[int, str]:
+    """pid -> role from `kamcmd core.psx` (blocks of IDX/PID/DSC lines)."""
+    roles, pid = {}, None
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == "PID":
+            try:
+                pid = int(value)
+            except ValueError:
+                pid = None
+        elif key == "DSC" and pid is not None:
+            roles[pid] = value.strip()
+            pid = None
+    return roles
+
+
+def growth_by_process(samples: list[Sample]) -> list[tuple[int, int, int, int]]:
+    """(pid, KB at the first sample after cycles began, KB at the middle one, KB at the last),
+    the process that grew most first: which process a curve's growth is in."""
+    run = [s for s in samples if s.cycles > 0]
+    if not run:
+        return []
+    first, mid, last = run[0], run[len(run) // 2], run[-1]
+    rows = [(pid, first.per_process[pid], mid.per_process.get(pid, 0), kb)
+            for pid, kb in last.per_process.items() if pid in first.per_process]
+    return sorted(rows, key=lambda r: r[1] - r[3])
+
+
+def mappings_kb(pid: int) -> dict[str, int]:
+    """Pss per mapping kind of one process from /proc/PID/smaps: '[heap]' (malloc's brk area:
+    small allocations, SQLite's page cache, Kamailio's pkg pool when it uses the system
+    malloc), 'anon' (anonymous mmaps: Python's arenas, large mallocs), 'shm' (Kamailio's
+    shared pool), 'files' (code and libraries)."""
+    out: dict[str, int] = {}
+    kind = "files"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split()
+                if not head:
+                    continue
+                if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                    name = head[5] if len(head) > 5 else ""
+                    if name == "[heap]":
+                        kind = "[heap]"
+                    elif not name:
+                        kind = "anon"
+                    elif name.startswith("/dev/zero") or name.startswith("/SYSV") \
+                            or "(deleted)" in line:
+                        kind = "shm"
+                    elif name.startswith("["):
+                        kind = name
+                    else:
+                        kind = "files"
+                elif head[0] == "Pss:":
+                    out[kind] = out.get(kind, 0) + int(head[1])
+    except OSError:
+        pass
+    return out
