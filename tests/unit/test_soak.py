@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from tools.soak.memory import Sample, curve, flatness, read_kb, table
+from tools.soak.memory import (Sample, curve, flatness, growth_by_process, mappings_kb,
+                               parse_psx, read_kb, table)
 
 
 def run(totals: list[int], procs: int = 4, step: int = 200) -> list[Sample]:
@@ -76,3 +77,36 @@ def test_read_kb_of_this_process_and_of_none():
     kind, kb = read_kb(os.getpid())
     assert kind in ("PSS", "RSS") and kb > 0
     assert read_kb(2 ** 22 + 12345) is None
+
+
+def test_roles_come_from_core_psx():
+    text = """{
+\tIDX: 0
+\tPID: 700
+\tDSC: main process - attendant
+}
+{
+\tIDX: 26
+\tPID: 880
+\tDSC: RTIMER EXEC child=0 timer=ipsec_sweep
+}
+"""
+    assert parse_psx(text) == {700: "main process - attendant",
+                               880: "RTIMER EXEC child=0 timer=ipsec_sweep"}
+    assert parse_psx("") == {}
+
+
+def test_the_process_that_grew_most_comes_first():
+    samples = [Sample(0, {1: 10, 2: 10, 3: 10}), Sample(100, {1: 100, 2: 100, 3: 100}),
+               Sample(200, {1: 100, 2: 150, 3: 120}), Sample(300, {1: 101, 2: 300, 3: 90})]
+    rows = growth_by_process(samples)
+    assert rows[0] == (2, 100, 150, 300)  # first after cycles began, middle, last
+    assert [r[0] for r in rows] == [2, 1, 3]
+    assert growth_by_process([]) == []
+
+
+def test_this_process_has_a_heap_or_anonymous_memory_and_files():
+    kinds = mappings_kb(os.getpid())
+    assert kinds.get("files", 0) > 0
+    assert kinds.get("[heap]", 0) + kinds.get("anon", 0) > 0
+    assert mappings_kb(2 ** 30) == {}
