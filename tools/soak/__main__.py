@@ -146,6 +146,8 @@ def run_cycles(opts, engine: Engine, phones: list[SoakPhone], pcscf: Kamailio,
         samples.append(s)
         if not maps_first:
             maps_first.update({pid: memory.mappings_kb(pid) for pid in s.per_process})
+            for pid, kb in memory.parse_pkg_stats(kamcmd(pcscf, "pkg.stats")).items():
+                maps_first.setdefault(pid, {})["pkg in use"] = kb
         if done >= next_report or started >= opts.cycles:
             while next_report <= done:
                 next_report += 1000
@@ -273,6 +275,9 @@ def main(argv: list[str]) -> int:
         run_time = time.monotonic() - t_run
         grown = memory.growth_by_process(samples)[:3]
         maps_last = {pid: memory.mappings_kb(pid) for pid, *_ in grown}
+        for pid, kb in memory.parse_pkg_stats(kamcmd(pcscf, "pkg.stats")).items():
+            if pid in maps_last:
+                maps_last[pid]["pkg in use"] = kb
         leaks = final_checks(opts, link, run_dir / "ipsec-pcscf.sqlite", phones)
         files = store_files_kb(run_dir / "ipsec-pcscf.sqlite")
         pcscf.check_alive()

@@ -186,3 +186,21 @@ def mappings_kb(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+def parse_pkg_stats(text: str) -> dict[int, int]:
+    """pid -> KB of Kamailio's private (pkg) pool in use, from `kamcmd pkg.stats`."""
+    out, pid = {}, None
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == "pid":
+            try:
+                pid = int(value)
+            except ValueError:
+                pid = None
+        elif key == "real_used" and pid is not None:
+            try:
+                out[pid] = int(value) // 1024
+            except ValueError:
+                pass
+    return out
