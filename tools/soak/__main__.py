@@ -184,7 +184,8 @@ def print_growth(grown, roles: dict[int, str], maps_first: dict[int, dict[str, i
     for pid, first, mid, last in grown:
         a, b = maps_first.get(pid, {}), maps_last.get(pid, {})
         parts = ", ".join(f"{k} {a.get(k, 0)} -> {b.get(k, 0)}"
-                          for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0))
+                          for k in sorted(set(a) | set(b))
+                          if a.get(k, 0) != b.get(k, 0) or k in ("pkg in use", "RSS"))
         print(f"  pid {pid} ({roles.get(pid, '?')}): {first} -> {mid} -> {last} ({last - first:+d}); "
               f"{parts or 'no mapping changed'}")
 

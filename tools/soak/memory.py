@@ -159,7 +159,9 @@ def mappings_kb(pid: int) -> dict[str, int]:
     """Pss per mapping kind of one process from /proc/PID/smaps: '[heap]' (malloc's brk area:
     small allocations, SQLite's page cache, Kamailio's pkg pool when it uses the system
     malloc), 'anon' (anonymous mmaps: Python's arenas, large mallocs), 'shm' (Kamailio's
-    shared pool), 'files' (code and libraries)."""
+    shared pool), 'files' (code and libraries); and 'RSS', the pages the process maps at
+    all, shared or not: RSS level while PSS grows is shared pages being copied (a child
+    writing into what it inherited), not new memory."""
     out: dict[str, int] = {}
     kind = "files"
     try:
@@ -183,6 +185,8 @@ def mappings_kb(pid: int) -> dict[str, int]:
                         kind = "files"
                 elif head[0] == "Pss:":
                     out[kind] = out.get(kind, 0) + int(head[1])
+                elif head[0] == "Rss:":
+                    out["RSS"] = out.get("RSS", 0) + int(head[1])
     except OSError:
         pass
     return out
