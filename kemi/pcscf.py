@@ -28,7 +28,7 @@ from kemi.message import KsrMessage  # noqa: E402
 from kemi.replies import drop as drop_reply, stray_reply  # noqa: E402
 from kemi.routing import Routing, refuse_challenge  # noqa: E402
 from kemi.stats import KsrCounters, metrics_request  # noqa: E402
-from kemi.workers import StartError, Workers, ensure_open_files  # noqa: E402
+from kemi.workers import StartError, Workers, ensure_open_files, freeze_for_fork  # noqa: E402
 
 DOMAIN = "location"
 
@@ -55,7 +55,9 @@ def mod_init():
         KSR.err("ims-ipsec: refusing to start: %s\n" % e)
         return None
     KSR.info("ims-ipsec: %s\n" % core.trust_line())
-    return kamailio(Routing(module, KSR.kx.get_def, DOMAIN, core), started)
+    callbacks = kamailio(Routing(module, KSR.kx.get_def, DOMAIN, core), started)
+    freeze_for_fork()
+    return callbacks
 
 
 def _guarded(on_error):

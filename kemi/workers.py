@@ -10,6 +10,7 @@ and otherwise refuses to start with the numbers and what to change.
 """
 from __future__ import annotations
 
+import gc
 import resource
 from dataclasses import dataclass
 from typing import Callable
@@ -78,6 +79,18 @@ def ensure_open_files(workers: Workers, log: Callable[[str], object],
     log(f"ims-ipsec: open files limit raised from {soft} to {target}: {workers.processes} "
         f"processes and {2 * (workers.protected_sockets + workers.plain_sockets)} listen "
         f"sockets need about {need}\n")
+
+
+def freeze_for_fork() -> None:
+    """Last thing before Kamailio forks its workers: what the main process built (modules,
+    the routing objects) moves out of the cyclic GC's reach, so that no child's collection
+    writes into those objects' headers and copies their pages one by one (Python's own
+    advice for servers that fork). Measured with `make soak` (8,000 cycles): without it,
+    the sweep's process went from 4.3 to 9.8 MB PSS while its RSS stayed at 23.4-23.8 MB:
+    no new memory, the same pages copied out of the image it shares with the other
+    processes; with it, 3.9 to 6.4 MB, level over the second half of the run."""
+    gc.collect()
+    gc.freeze()
 
 
 def _number(get_def: Callable[[str], str], name: str) -> int:

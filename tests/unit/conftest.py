@@ -2,6 +2,7 @@
 hypothesis without per-example deadlines."""
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -26,3 +27,11 @@ def pcscf(tmp_path):
     p = Pcscf.start(str(tmp_path / "ipsec.sqlite"))
     yield p
     p.module.store.close()
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen():
+    """mod_init freezes the objects it built (kemi.workers.freeze_for_fork, for Kamailio's
+    forked workers); in this process the next test must find the collector whole again."""
+    yield
+    gc.unfreeze()

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import gc
 import sys
 
 import pytest
@@ -308,3 +309,14 @@ def test_integrity_protected_is_set_once(value, want):
 def test_registered_identities_default_to_the_aor():
     assert identities.registered(None, "<sip:alice@ims.example>;tag=1") == ("sip:alice@ims.example",)
     assert identities.registered("<sip:b@x>", "<sip:alice@ims.example>") == ("sip:b@x",)
+
+
+def test_start_leaves_what_it_built_out_of_the_forked_workers_collections(script, tmp_path):
+    """Objects built before the fork stay shared with the workers: a child's cyclic GC must
+    not walk (and so copy) them (kemi.workers.freeze_for_fork)."""
+    gc.unfreeze()
+    KSR._defines(defines(str(tmp_path / "a.sqlite")))
+    callbacks = script.mod_init()
+    assert gc.get_freeze_count() > 0
+    tracked = {id(o) for o in gc.get_objects()}
+    assert id(callbacks) not in tracked and id(callbacks.r) not in tracked
