@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from tools.soak.memory import (Sample, curve, flatness, growth_by_process, mappings_kb,
+                               parse_pkg_stats,
                                parse_psx, read_kb, table)
 
 
@@ -110,3 +111,9 @@ def test_this_process_has_a_heap_or_anonymous_memory_and_files():
     assert kinds.get("files", 0) > 0
     assert kinds.get("[heap]", 0) + kinds.get("anon", 0) > 0
     assert mappings_kb(2 ** 30) == {}
+
+
+def test_pkg_in_use_comes_from_pkg_stats():
+    text = "{\n\tentry: 0\n\tpid: 880\n\trank: 4\n\tused: 100\n\tfree: 900\n\treal_used: 204800\n}\n" \
+           "{\n\tentry: 1\n\tpid: 881\n\treal_used: oops\n}\n"
+    assert parse_pkg_stats(text) == {880: 200}

@@ -127,20 +127,23 @@ def table(samples: list[Sample], kind: str) -> str:
     return "\n".join(lines)
 
 
-def parse_psx(text: str) -> dict[int, str]:
-    """pid -> role from `kamcmd core.psx` (blocks of IDX/PID/DSC lines)."""
-    roles, pid = {}, None
+def _by_pid(text: str, pid_key: str, value_key: str) -> dict[int, str]:
+    """pid -> the text of `value_key` in each block of a kamcmd listing (`key: value` lines,
+    the pid's line before the value's)."""
+    out, pid = {}, None
     for line in text.splitlines():
         key, _, value = line.strip().partition(":")
-        if key == "PID":
-            try:
-                pid = int(value)
-            except ValueError:
-                pid = None
-        elif key == "DSC" and pid is not None:
-            roles[pid] = value.strip()
+        if key == pid_key:
+            pid = int(value) if value.strip().isdigit() else None
+        elif key == value_key and pid is not None:
+            out[pid] = value.strip()
             pid = None
-    return roles
+    return out
+
+
+def parse_psx(text: str) -> dict[int, str]:
+    """pid -> role from `kamcmd core.psx` (blocks of IDX/PID/DSC lines)."""
+    return _by_pid(text, "PID", "DSC")
 
 
 def growth_by_process(samples: list[Sample]) -> list[tuple[int, int, int, int]]:
@@ -194,17 +197,5 @@ def mappings_kb(pid: int) -> dict[str, int]:
 
 def parse_pkg_stats(text: str) -> dict[int, int]:
     """pid -> KB of Kamailio's private (pkg) pool in use, from `kamcmd pkg.stats`."""
-    out, pid = {}, None
-    for line in text.splitlines():
-        key, _, value = line.strip().partition(":")
-        if key == "pid":
-            try:
-                pid = int(value)
-            except ValueError:
-                pid = None
-        elif key == "real_used" and pid is not None:
-            try:
-                out[pid] = int(value) // 1024
-            except ValueError:
-                pass
-    return out
+    return {pid: int(v) // 1024 for pid, v in _by_pid(text, "pid", "real_used").items()
+            if v.isdigit()}
