@@ -39,10 +39,17 @@ class Routing:
 
     # -- requests -------------------------------------------------------------------------
     def request(self, msg) -> int:
+        method = msg.method()
+        if method != "ACK" and (not self.m.is_protected(msg)
+                                or self.m.tunnel_contact(msg) is None):
+            # whatever we answer goes back to where the request came from, never to a port
+            # its Via names: a sender on a phone's address could otherwise have our replies
+            # sent in cleartext to that phone's protected ports (through SAs, the reply
+            # path is set by ipsec_forward instead)
+            KSR.force_rport()
         if KSR.maxfwd.process_maxfwd(10) < 0:
             KSR.sl.sl_send_reply(483, "Too Many Hops")
             return 1
-        method = msg.method()
         if method == "OPTIONS" and not KSR.pv.get("$rU") and KSR.is_myself_ruri() > 0:
             KSR.sl.sl_send_reply(200, "OK")
             return 1

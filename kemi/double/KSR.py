@@ -176,6 +176,7 @@ class Record:
     avps: dict[str, object] = field(default_factory=dict)  # the transaction's $avp(...)
     relay_result: int = 1
     dropped: bool = False  # KSR.set_drop(): the message goes no further (a reply: not forwarded)
+    rport_forced: bool = False  # KSR.force_rport(): replies go to the source port, not Via's
     logs: dict[str, list[str]] = field(
         default_factory=lambda: {"info": [], "warn": [], "err": [], "dbg": []})
 
@@ -699,6 +700,12 @@ def is_myself(uri: str) -> int:
         return 1 if _is_myself(uri) else -1
     except ValueError:
         return -1
+
+
+def force_rport() -> bool:
+    """As the core's: replies to this request go to its source address and port."""
+    _r().rport_forced = True
+    return True
 
 
 def info(text: str) -> None:

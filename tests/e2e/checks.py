@@ -14,9 +14,14 @@ _n = itertools.count()
 
 
 @contextmanager
-def through_esp(phone: Phone, *sa_names: str):
+def through_esp(phone: Phone, *sa_names: str, strangers: bool = False):
     """Counters of the named SAs (sa1..sa4 of the phone's tunnel at the end) must rise, and
-    the phone's link must carry no cleartext to or from a protected port."""
+    the phone's link must carry no cleartext to or from a protected port. `strangers`: other
+    sockets on the phone's address have sent cleartext to our protected ports, and what
+    Kamailio still answers them (TM's late replies: the 408 for a request the silent core
+    never answered, sent fr_timer after it and retransmitted to an INVITE's sender that
+    never ACKs) goes back in cleartext to those sockets; then only cleartext to or from the
+    phone's own protected ports fails."""
     before = pcscf_counters(phone.link)
     with esp_net.Capture(phone.link, f"e2e-{next(_n)}") as cap:
         yield cap
@@ -27,7 +32,7 @@ def through_esp(phone: Phone, *sa_names: str):
     for name in sa_names:
         spi = spis[name]
         assert after.get(spi, 0) > before.get(spi, 0), f"{name} (spi {spi}) carried nothing"
-    ports = PROTECTED_PORTS | {t.port_uc, t.port_us}
+    ports = {t.port_uc, t.port_us} if strangers else PROTECTED_PORTS | {t.port_uc, t.port_us}
     clear = [p for p in cap.cleartext() if p.sport in ports or p.dport in ports]
     assert not clear, f"cleartext between protected ports: {clear[:5]}"
     for m in phone.seen:

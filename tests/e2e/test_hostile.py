@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from checks import through_esp
+import esp_net
 from esp_net import ADDRS
 from pcscf_net import Kamailio, Phone, _socket, pcscf_policy_count, pcscf_states
 from sip import Msg, hostport, parse, token
@@ -198,8 +199,42 @@ def test_twenty_thousand_hostile_messages_leave_kamailio_answering_and_nothing_b
     assert (len(pcscf_states(link)), pcscf_policy_count(link)) == (sas - 4 * gone,
                                                                    policies - 4 * gone)
     assert len(kamailio.processes()) == processes, "a Kamailio process died or was added"
-    with through_esp(phone, "sa1", "sa3"):  # the phone is still served through its SAs
+    # the phone is still served through its SAs (while Kamailio may still answer the
+    # flood's senders from the protected ports, in cleartext, as they wrote to it)
+    with through_esp(phone, "sa1", "sa3", strangers=True):
         phone.request("MESSAGE", "sip:bob@ims.test", call_id=token(), to="<sip:bob@ims.test>")
         phone.wait_reply(200, "MESSAGE")
     plain.close()
     stranger.close()
+
+
+def test_a_stranger_cannot_aim_our_replies_at_the_phones_protected_ports(link, scscf, kamailio):
+    """A sender on the phone's address (another device behind its NAT, or a spoofer) writes
+    to our protected ports from a port of its own with a Via naming the phone's protected
+    client port. Our 403 must go back to the sender's port: sent to the Via's port it left
+    in cleartext from our protected port to the phone's (no policy covers that pair)."""
+    phone = Phone(link, scscf, user="aimed")
+    phone.full_registration()
+    t = phone.tunnel
+    stranger = _socket(link.ue, 4, socket.SOCK_DGRAM)
+    stranger.bind((phone.ip, 0))
+    try:
+        with esp_net.Capture(link, "aimed") as cap:
+            for local in (t.port_pc, t.port_ps, 5060):
+                call_id = token()
+                msg = (f"MESSAGE sip:bob@ims.test SIP/2.0\r\n"
+                       f"Via: SIP/2.0/UDP {hostport(phone.ip, t.port_uc)};branch=z9hG4bK{call_id}\r\n"
+                       f"Max-Forwards: 70\r\nFrom: <sip:aimed@ims.test>;tag=x{call_id}\r\n"
+                       f"To: <sip:bob@ims.test>\r\nCall-ID: {call_id}\r\nCSeq: 1 MESSAGE\r\n"
+                       f"Content-Length: 0\r\n\r\n")
+                stranger.sendto(msg.encode(), (phone.pcscf, local))
+                ready, _, _ = select.select([stranger], [], [], 3.0)
+                assert ready, f"no answer at the sender's port for its MESSAGE to {local}"
+                answer = parse(stranger.recv(65535))
+                assert answer.status == 403 and answer.get("Call-ID") == call_id
+            time.sleep(0.3)
+        clear = [p for p in cap.cleartext() if p.dport in (t.port_uc, t.port_us)]
+        assert not clear, f"cleartext to the phone's protected ports: {clear[:5]}"
+        assert _raw_seen(phone, 0.3) == []
+    finally:
+        stranger.close()

@@ -441,3 +441,34 @@ def test_mt_requests_use_the_transport_the_phone_registered_with(pcscf):
     assert relay.send_socket == f"tcp:{PCSCF}:{server_param(new, 'port-c')}"
     ((phone_side, _),) = relay.record_route
     assert phone_side.endswith(";transport=tcp")
+
+
+@pytest.mark.parametrize(("source", "local", "code"), [
+    ((UE, 41410, "udp"), (PCSCF, 5200), 403),  # a stranger on the phone's address, protected port
+    ((UE, 41410, "udp"), (PCSCF, 5100), 403),
+    (("10.0.0.66", 5060, "udp"), (PCSCF, 5060), 403),  # neither protected nor from the core
+])
+def test_refusals_go_back_to_the_source_port_not_to_a_port_the_via_names(pcscf, source, local,
+                                                                         code):
+    """A Via naming the phone's protected client port must not turn our 403 into cleartext
+    sent to that port (seen in test_hostile.py: replies from 5063 to the phone's ports)."""
+    pcscf.registered()
+    raw = request("MESSAGE", "sip:bob@ims.example", via=f"{UE}:{PORT_UC}")
+    rec = pcscf.request(raw, source=source, local=local)
+    assert [r.code for r in rec.replies] == [code] and rec.relays == []
+    assert rec.rport_forced
+
+
+def test_an_unprotected_register_is_answered_at_its_source_port(pcscf):
+    rec = pcscf.request(register(via=f"{UE}:{PORT_UC}"), source=(UE, 5060, "udp"))
+    assert rec.rport_forced and len(rec.relays) == 1
+
+
+def test_requests_through_the_sas_keep_the_reply_path_ipsec_forward_sets(pcscf):
+    server = pcscf.registered()
+    raw = request("MESSAGE", "sip:bob@ims.example", via=f"{UE}:{PORT_UC}",
+                  extra=(f"Security-Verify: {server}",))
+    rec = pcscf.request(raw, source=(UE, PORT_UC, "udp"), local=(PCSCF, 5200))
+    (relay,) = rec.relays
+    assert not rec.rport_forced
+    assert (relay.reply_socket, relay.reply_target) == (f"udp:{PCSCF}:5100", f"udp:{UE}:{PORT_US}")
