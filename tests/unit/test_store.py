@@ -70,7 +70,7 @@ def test_files_are_private_even_with_a_permissive_umask(tmp_path):
 def test_schema_has_a_version_and_wal(store):
     store.lease()
     db = sqlite3.connect(store.path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (5,)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (6,)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     db.close()
 
@@ -163,8 +163,11 @@ def test_a_version_2_file_is_upgraded_in_place_keeping_its_phones(tmp_path):
     assert (alice.transport, bob.transport) == ("udp", "tcp")
     assert (alice.associated, alice.service_route) == ((), ())  # v5: none before a 200 OK
     assert s.lease("10.0.0.9").spi_pc == 1002  # the cursor survived; 1000 is still taken
+    count = "SELECT value FROM meta WHERE key = 'tunnel_count'"
+    assert s._db().execute(count).fetchone() == (2,)  # v6: counted at the upgrade
     assert not s.release(Lease(1004, 1005, 5100, 5200)) and s.release(alice.tunnel.lease)
-    assert s._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (5,)
+    assert s._db().execute(count).fetchone() == (1,)
+    assert s._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (6,)
     s.close()
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ipsec.store import schema
+from ipsec.store import Tunnel, schema
 from ipsec.store.store import _in_list
 from test_store import make
 
@@ -107,4 +107,43 @@ def test_padded_lists_release_exactly_what_they_name(tmp_path, n):
     keep = store.lease()
     assert store.release_all(leases) == n
     assert store.release_all([keep]) == 1
+    store.close()
+
+
+def counted(store) -> tuple[int, int]:
+    db = store._db()
+    return (db.execute("SELECT value FROM meta WHERE key = 'tunnel_count'").fetchone()[0],
+            db.execute("SELECT count(*) FROM tunnels").fetchone()[0])
+
+
+def test_the_tunnel_count_follows_every_way_a_tunnel_row_comes_and_goes(tmp_path):
+    """The flood limits read the number of leases at every challenge, the sweep every
+    second: kept by triggers (schema.COUNTED) instead of a count(*) over the table."""
+    import random
+    import time as clock
+    from test_store import pending, tunnel_on
+    store = make(tmp_path / "ipsec.db", spi_range=400, max_connections=4)
+    rng = random.Random(7)
+    contacts: list[int] = []
+    for step in range(400):
+        what = rng.randrange(6)
+        if what == 0:
+            store.lease()
+        elif what == 1 and contacts:
+            store.delete_contacts([contacts.pop(rng.randrange(len(contacts)))])
+        elif what == 2:
+            host = f"10.0.{step // 200}.{step % 200 + 1}"
+            c = pending(store, aor=f"sip:u{step}@ims.example", host=host)
+            store.set_tunnel(c.id, tunnel_on(store, store.lease(host), host))
+            contacts.append(c.id)
+        elif what == 3:
+            leases = [t.lease if isinstance(t, Tunnel) else t for t, _ in store.leases_with_age()]
+            store.release_all(rng.sample(leases, min(len(leases), rng.randrange(4))))
+        elif what == 4:
+            store.release_all(t for t, _ in store.leases_with_age() if not isinstance(t, Tunnel))
+        else:
+            store.drop_stale_pending(older_than=0.0, now=clock.time() + 3600)
+            contacts = [c for c in contacts if store.get_contact(c) is not None]
+        assert counted(store)[0] == counted(store)[1], f"step {step}"
+    assert store.usage()[0] == counted(store)[1]
     store.close()
