@@ -9,8 +9,8 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -325,23 +325,29 @@ def remove_tunnels(env: Env, freed: Sequence[Tunnel | Lease]) -> dict:
 
 
 def cmd_drop(env: Env, target: str | None, contact_id: int | None) -> int:
-    """Each contact goes under its phone's lock, the one Kamailio's workers hold while they
-    change that phone's tunnels: a worker renewing the tunnel's kernel lifetime reads its
-    policy, then updates it, and an update re-adds a policy removed in between (a stray
-    only its lifetime would end); a worker re-keying must not see half a drop either."""
+    """The contacts go under their phones' locks, the ones Kamailio's workers hold while they
+    change a phone's tunnels (keyed by the address its REGISTERs come from): a worker
+    renewing a tunnel's kernel lifetime reads its policy, then updates it, and an update
+    re-adds a policy removed in between (a stray only its lifetime would end); a worker
+    re-keying must not see half a drop either. All the locks are taken in stripe order (no
+    two droppers can wait for each other; a worker never waits for a second phone's lock
+    while it holds one), then one store transaction and one kernel batch."""
     contacts = find_contacts(env, target, contact_id)
     store = env.store()
     locks = UeLocks(env.config.store_path + ".lock")
-    removed = {"tunnels": 0, "pieces_removed": 0, "pieces_already_gone": 0,
-               "leases_released": 0}
+    hosts = {c.received.host for c in contacts} | {
+        t.ue.host for c in contacts for t in (c.tunnel, c.pending) if t is not None}
     try:
-        for c in contacts:
-            with ExitStack() as held:
-                for host in sorted({t.ue.host for t in (c.tunnel, c.pending) if t is not None}):
-                    held.enter_context(_phone_lock(locks, host))
-                freed = store_call(lambda: store.delete_contacts([c.id]))  # noqa: B023
-                for key, n in remove_tunnels(env, freed).items():
-                    removed[key] += n
+        locks.open()
+    except OSError as e:
+        raise CliError(Exit.PERMISSION, f"cannot open the phones' lock file {locks.path}: "
+                       f"{e.strerror} (run as the user Kamailio runs as)") from None
+    try:
+        with ExitStack() as held:
+            for host in sorted(hosts, key=locks.stripe):
+                held.enter_context(locks.held(host))
+            freed = store_call(lambda: store.delete_contacts([c.id for c in contacts]))
+            removed = remove_tunnels(env, freed)
     finally:
         locks.close()
     data = {"dropped": [views.contact_row(c, env.clock(), None, env.config.marker)
@@ -349,20 +355,6 @@ def cmd_drop(env: Env, target: str | None, contact_id: int | None) -> int:
     store_call(lambda: store.note_operator_removals(data["tunnels"]))  # Kamailio's counter
     env.emit(data, render.drop_text)
     return Exit.OK
-
-
-@contextmanager
-def _phone_lock(locks: UeLocks, host: str) -> Iterator[None]:
-    try:
-        held = locks.held(host)
-        held.__enter__()
-    except OSError as e:
-        raise CliError(Exit.PERMISSION, f"cannot take the phones' lock in {locks.path}: "
-                       f"{e.strerror} (run as the user Kamailio runs as)") from None
-    try:
-        yield
-    finally:
-        held.__exit__(None, None, None)
 
 
 def flush_kernel(env: Env, progress: Progress) -> dict[str, int]:

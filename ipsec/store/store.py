@@ -943,10 +943,11 @@ def _tunnel_count(db: sqlite3.Connection) -> int:
 def _in_list(values: Iterable) -> tuple[str, tuple]:
     """Placeholders for an IN list and its values, padded to a power of two by repeating the
     last value. Every distinct SQL text is a statement the connection prepares and keeps
-    (Python's sqlite3 caches 128 per connection), and its memory grows with the list: lists
-    of every length from 1 to 500 held ~8 MB of SQLite memory in one process (measured with
-    sqlite3_memory_used), and the sweep's process, whose batches vary with the traffic, grew
-    by 6.6 MB over a 15,000-cycle soak. Powers of two keep it to 10 texts per query."""
+    (Python's sqlite3 caches 128 per connection), and its memory grows with the list: the
+    sweep's batches (leases given back, de-registration notes taken) vary in size with the
+    traffic, and sizes 1 to 300 through the store held 10.3 MB of SQLite memory in one
+    process (sqlite3_memory_used, tests/unit/test_store_upkeep.py). Powers of two keep it to
+    10 texts per query (< 0.5 MB)."""
     values = tuple(values)
     if not values:
         return "NULL", ()  # IN (NULL) matches nothing
