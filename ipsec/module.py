@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from . import (challenge, counters as stat, headers, identities, lifetimes, limits as flood,
-               reconcile, secagree, tunnel as kernel, warm)
+               reconcile, renewals, secagree, tunnel as kernel, warm)
 from .algorithms import AlgorithmError
 from .logtext import clean
 from .limits import Limits
@@ -293,36 +293,7 @@ class Module:
             associated=identities.registered(msg.header("P-Associated-URI"),
                                              req.first_header("To")),
             service_route=identities.uri_list(msg.header("Service-Route"))))
-        self._renew(contact_id)
-        return 1
-
-    def _renew(self, contact_id: int) -> None:
-        """The kernel lifetime of a registered contact's tunnel in use: its expiry + grace +
-        margin (ipsec/lifetimes.py). A failure is logged, never a refusal: the registration
-        stands, and at worst the kernel removes the SAs at their earlier lifetime (the
-        phone registers again).
-
-        Under the phone's lock (a no-op inside ipsec_create, which holds it): no worker
-        removes the tunnel meanwhile, which matters because UPDPOLICY would add back a
-        policy removed between its GETPOLICY and the update."""
-        c = self.store.get_contact(contact_id)
-        if c is None or c.tunnel is None:
-            return
-        with self.locks.held(c.tunnel.ue.host):
-            c = self.store.get_contact(contact_id)  # as it stands now that we hold the lock
-            if c is None or c.tunnel is None or c.state != REGISTERED:
-                return
-            deadline = lifetimes.registered_deadline(c.expires, self.expiry_grace,
-                                                     self.lifetime_margin)
-            what = f"contact {c.id}: kernel lifetime of tunnel spi-c={c.tunnel.lease.spi_pc}"
-            try:
-                gone = kernel.renew(self.xfrm, self._spec_of(c.tunnel), deadline, self.clock())
-            except (XfrmError, OSError) as e:
-                self._err(f"{what} not renewed: {e}")
-                return
-        if gone:
-            self.log.warn(f"ims-ipsec: {what}: {len(gone)} piece(s) not in the kernel "
-                          f"({clean(', '.join(map(str, gone)))})\n")
+        return 1  # the kernel lifetime follows at the next sweep (ipsec/renewals.py)
 
     def is_deregistration(self, msg: Message) -> bool:
         """Was the transaction's REGISTER a de-registration (every contact expires=0)?"""
@@ -433,9 +404,7 @@ class Module:
         evictions = 0
         for _ in range(DUPLICATE_RETRIES + 2 + EVICTION_ROUNDS):
             done = self.store.challenge(key, through, ue, decide, build, avoid, weigh, spare)
-            self._retire(done.retired)
-            if done.retired is not None:  # the pending tunnel serves now: its registration's
-                self._renew(done.contact_id)  # lifetime, not its pending one
+            self._retire(done.retired)  # the promoted tunnel's lifetime: the next sweep
             through = None  # promoted (or not) once
             if done.evict:
                 evictions += 1
@@ -702,6 +671,7 @@ class Module:
             released = self.store.reset_leases_if_empty()
             kernel.remove_all(self.xfrm, [self._spec_of(t) for t in released
                                           if isinstance(t, Tunnel)])
+            self._renew_due(now)
             self._publish_gauges()
             self.store.checkpoint()
             return 1
@@ -728,6 +698,24 @@ class Module:
                 what = {stat.DEREGISTRATION: "de-registered",
                         stat.UNCONFIRMED: "never came back through its SAs"}.get(cause, "expired")
                 self._info(f"contact {c.id} {c.aor}: {what}, removed")
+
+    def _renew_due(self, now: float) -> None:
+        """Kernel lifetimes of the contacts registered, refreshed or re-keyed since the last
+        sweep (ipsec/renewals.py). A failure is logged, never a refusal: the registration
+        stands and the request stays for the next sweep."""
+        try:
+            out = renewals.renew_due(self.store, self.xfrm, self.locks, self._spec_of,
+                                     self.expiry_grace, self.lifetime_margin, now)
+        except (XfrmError, OSError) as e:
+            self._err(f"kernel lifetimes not renewed: {e}")
+            return
+        for c, e in out.refused:
+            self._err(f"contact {c.id}: kernel lifetime of tunnel spi-c={c.tunnel.lease.spi_pc} "
+                      f"not renewed: {e}")
+        for c, gone in out.missing:
+            self.log.warn(f"ims-ipsec: contact {c.id}: kernel lifetime of tunnel "
+                          f"spi-c={c.tunnel.lease.spi_pc}: {len(gone)} piece(s) not in the "
+                          f"kernel ({clean(', '.join(map(str, gone)))})\n")
 
     def _publish_gauges(self) -> None:
         by_operator = self.store.take_operator_removals()

@@ -224,48 +224,83 @@ def remove_all(x: Xfrm, tunnels: Sequence[Tunnel]) -> list[SAId | PolicyId]:
 
 def renew(x: Xfrm, tunnel: Tunnel, deadline: float, now: float) -> list[SAId | PolicyId]:
     """Give the tunnel's 4 SAs and 4 policies a hard lifetime that ends at `deadline` (epoch
-    seconds), without its keys (they are never stored): returns the pieces that were gone.
+    seconds): `renew_all` for one tunnel; its refusal other than "not found" is raised."""
+    (done,) = renew_all(x, [(tunnel, deadline)], now)
+    if done.error is not None:
+        raise done.error
+    return done.missing
+
+
+@dataclass(frozen=True)
+class Renewed:
+    """What a renewal found: the pieces that were gone, and a refusal other than that."""
+    missing: list[SAId | PolicyId]
+    error: XfrmError | None = None
+
+
+def renew_all(x: Xfrm, wanted: Sequence[tuple[Tunnel, float]], now: float) -> list[Renewed]:
+    """Give each tunnel's 4 SAs and 4 policies a hard lifetime that ends at its deadline
+    (epoch seconds), without their keys (never stored), in two round trips for all of them:
+    one look-up batch, one update batch. One result per tunnel.
 
     SAs: XFRM_MSG_UPDSA copies only the lifetime into the existing SA (the keys in the
     message, zeros of the right length, are ignored) and keeps its add_time, from which the
     kernel counts: each SA's new value is computed from its own add_time (GETSA). Policies:
     XFRM_MSG_UPDPOLICY replaces the policy (same selector, template and index, add_time now);
     only a policy that is the tunnel's own (`holds`) is replaced, never another tunnel's on
-    the same flow. A refusal other than "not found" is raised after all were tried.
+    the same flow.
     """
-    algs = esp_algs(tunnel.alg, tunnel.ealg, tunnel.ck, tunnel.ik)
-    alg_attrs = codec.alg_attrs(algs)
-    the_sas = sas(tunnel, algs)
-    the_policies = policies(tunnel)
-    found, have_pols = x.look_up([SAId(sa.dst, sa.spi) for sa in the_sas],
-                                 [PolicyId(p.dir, p.sel) for p in the_policies])
-    results: list[XfrmError | None] = []
+    plans = []
+    sa_ids: list[SAId] = []
+    pol_ids: list[PolicyId] = []
+    for tunnel, deadline in wanted:
+        algs = esp_algs(tunnel.alg, tunnel.ealg, tunnel.ck, tunnel.ik)
+        the_sas, the_policies = sas(tunnel, algs), policies(tunnel)
+        plans.append((deadline, codec.alg_attrs(algs), the_sas, the_policies))
+        sa_ids += [SAId(sa.dst, sa.spi) for sa in the_sas]
+        pol_ids += [PolicyId(p.dir, p.sel) for p in the_policies]
+    found_sas, found_pols = x.look_up(sa_ids, pol_ids) if plans else ([], [])
+    results: list[list[XfrmError | None]] = [[] for _ in plans]
     updates: list[Request] = []
-    for sa, have in zip(the_sas, found):
-        if isinstance(have, XfrmError):
-            results.append(have)
-            continue
-        hard = lifetimes.seconds(deadline, have.add_time, now)
-        updates.append(update_sa(_with_lifetime(sa, hard), alg_attrs))
-    pol_hard = lifetimes.seconds(deadline, now, now)
-    for want, have in zip(the_policies, have_pols):
-        if isinstance(have, XfrmError):
-            results.append(have)
-        elif not holds(want, have):
-            results.append(XfrmNotFound("update", errno.ENOENT, PolicyId(want.dir, want.sel),
-                                        "the flow's policy is another tunnel's"))
-        else:
-            updates.append(update_policy(replace(want, lifetime=Lifetime(hard=pol_hard))))
-    results += x.batch(updates)
+    owners: list[int] = []
+    i_sa = i_pol = 0
+    for n, (deadline, alg_attrs, the_sas, the_policies) in enumerate(plans):
+        for sa, have in zip(the_sas, found_sas[i_sa:i_sa + len(the_sas)]):
+            if isinstance(have, XfrmError):
+                results[n].append(have)
+            else:
+                hard = lifetimes.seconds(deadline, have.add_time, now)
+                updates.append(update_sa(_with_lifetime(sa, hard), alg_attrs))
+                owners.append(n)
+        pol_hard = lifetimes.seconds(deadline, now, now)
+        for want, have in zip(the_policies, found_pols[i_pol:i_pol + len(the_policies)]):
+            if isinstance(have, XfrmError):
+                results[n].append(have)
+            elif not holds(want, have):
+                results[n].append(XfrmNotFound("update", errno.ENOENT,
+                                               PolicyId(want.dir, want.sel),
+                                               "the flow's policy is another tunnel's"))
+            else:
+                updates.append(update_policy(replace(want, lifetime=Lifetime(hard=pol_hard))))
+                owners.append(n)
+        i_sa += len(the_sas)
+        i_pol += len(the_policies)
+    for owner, r in zip(owners, x.batch(updates) if updates else []):
+        results[owner].append(r)
+    return [_renewed(rs) for rs in results]
+
+
+def _renewed(results: list[XfrmError | None]) -> Renewed:
     missing: list[SAId | PolicyId] = []
+    error: XfrmError | None = None
     for r in results:
         if isinstance(r, XfrmNotFound):
             missing.append(r.what if not isinstance(r.what, (SA, Policy)) else
                            SAId(r.what.dst, r.what.spi) if isinstance(r.what, SA)
                            else PolicyId(r.what.dir, r.what.sel))
-        elif r is not None:
-            raise r
-    return missing
+        elif r is not None and error is None:
+            error = r
+    return Renewed(missing, error)
 
 
 def _with_lifetime(sa: SA, hard: int) -> SA:

@@ -10,7 +10,6 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -343,9 +342,7 @@ def cmd_drop(env: Env, target: str | None, contact_id: int | None) -> int:
         raise CliError(Exit.PERMISSION, f"cannot open the phones' lock file {locks.path}: "
                        f"{e.strerror} (run as the user Kamailio runs as)") from None
     try:
-        with ExitStack() as held:
-            for host in sorted(hosts, key=locks.stripe):
-                held.enter_context(locks.held(host))
+        with locks.all_held(hosts):
             freed = store_call(lambda: store.delete_contacts([c.id for c in contacts]))
             removed = remove_tunnels(env, freed)
     finally:

@@ -17,8 +17,8 @@ import fcntl
 import hashlib
 import os
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 
 from ipsec import forks
 from ipsec.sipuri import normalize_host
@@ -94,6 +94,16 @@ class UeLocks(_LockFile):
     def held(self, host: str):
         """Hold the lock of `host` (waiting for it) for the body of the `with`."""
         return self._held(self.stripe(host))
+
+    @contextmanager
+    def all_held(self, hosts: Iterable[str]) -> Iterator[None]:
+        """Hold the locks of all `hosts` for the body, taken in stripe order: two holders of
+        several locks never wait for each other, and a worker (which never waits for a second
+        phone's lock while it holds one) never waits for such a holder in a cycle."""
+        with ExitStack() as held:
+            for stripe in sorted({self.stripe(h) for h in hosts}):
+                held.enter_context(self._held(stripe))
+            yield
 
     def try_held(self, host: str):
         """As `held`, without waiting: the `with` gets False when another process holds the

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ipsec.store.records import SchemaMismatch, StoreError
 
-VERSION = 6
+VERSION = 7
 
 # A `tunnels` row is a lease: an SPI pair (spi_pc, spi_ps = spi_pc + 1, unique each) and a
 # port pair; its phone-side columns stay NULL until a tunnel is staged on it. A contact's
@@ -23,7 +23,9 @@ VERSION = 6
 # reach the phone (its Contact's transport parameter, else the protocol its last REGISTER
 # came by); `associated` and `service_route` are the P-Associated-URI and Service-Route URIs of
 # its last 200 OK (one per line: the identities a request through its SAs may assert, and the
-# S-CSCF its in-dialog requests may go to). Every index costs a page written per change in every Kamailio worker's commit:
+# S-CSCF its in-dialog requests may go to). A `renewals` row asks the sweep to move the kernel
+# lifetime of a registered contact's tunnel to its expiry (ipsec/renewals.py); `seq` counts the
+# requests, so the sweep deletes only the one it served. Every index costs a page written per change in every Kamailio worker's commit:
 # only those the look-ups need are here.
 DDL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -62,6 +64,10 @@ CREATE INDEX contacts_contact ON contacts (contact_host, contact_port);
 CREATE INDEX contacts_expires ON contacts (expires);
 CREATE INDEX contacts_tunnel ON contacts (tunnel_id);
 CREATE INDEX contacts_pending_tunnel ON contacts (pending_tunnel_id);
+CREATE TABLE renewals (
+    contact_id INTEGER PRIMARY KEY REFERENCES contacts (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL
+);
 """
 
 # `tunnel_count` in meta is the number of rows of `tunnels`, kept by SQLite itself in the
@@ -93,6 +99,9 @@ MIGRATIONS = {
         "ALTER TABLE contacts ADD COLUMN service_route TEXT NOT NULL DEFAULT ''"),
     5: ("INSERT INTO meta (key, value) SELECT 'tunnel_count', count(*) FROM tunnels",
         *COUNTED),
+    # kernel lifetimes renewed by the sweep in batches, not by the worker at each 200 OK
+    6: ("CREATE TABLE renewals (contact_id INTEGER PRIMARY KEY"
+        " REFERENCES contacts (id) ON DELETE CASCADE, seq INTEGER NOT NULL)",),
 }
 
 

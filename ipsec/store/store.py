@@ -448,7 +448,9 @@ class Store:
                 db.execute("UPDATE contacts SET associated = coalesce(?, associated),"
                            " service_route = coalesce(?, service_route) WHERE id = ?",
                            (_lines(associated), _lines(service_route), contact_id))
-            return self._promote(db, contact_id, through) if through is not None else None
+            retired = self._promote(db, contact_id, through) if through is not None else None
+            _ask_renewal(db, contact_id)
+            return retired
 
     def _register(self, db: sqlite3.Connection, contact_id: int, expires: float,
                   uri: str | None, received: Address | None) -> None:
@@ -506,6 +508,7 @@ class Store:
             return None
         db.execute("UPDATE contacts SET tunnel_id = pending_tunnel_id,"
                    " pending_tunnel_id = NULL WHERE id = ?", (contact_id,))
+        _ask_renewal(db, contact_id)  # the pending tunnel's lifetime is the pending one
         old = row[1:]
         return _tunnel(old) if old[0] is not None and old[0] != row[0] else None
 
@@ -693,6 +696,29 @@ class Store:
         return [t for t in (contact.tunnel, contact.pending) if t is not None and not db.execute(
             "SELECT 1 FROM contacts c JOIN tunnels t ON t.id IN (c.tunnel_id, c.pending_tunnel_id)"
             " WHERE t.spi_pc = ?", (t.lease.spi_pc,)).fetchone()]
+
+    def renewals_due(self, limit: int) -> list[tuple[int, int]]:
+        """Up to `limit` requests to renew a contact's kernel lifetime: (contact id, seq)."""
+        return [(r[0], r[1]) for r in self._query(
+            "SELECT contact_id, seq FROM renewals ORDER BY contact_id LIMIT ?", (limit,))]
+
+    def renewed(self, done: Iterable[tuple[int, int]]) -> None:
+        """These requests were served: they go, unless asked again since (`seq` moved)."""
+        done = list(done)
+        if done:
+            with self._tx() as db:
+                db.executemany("DELETE FROM renewals WHERE contact_id = ? AND seq = ?", done)
+
+    def get_contacts(self, contact_ids: Iterable[int]) -> list[Contact]:
+        """These contacts, those that still exist, in id order."""
+        ids = sorted(set(contact_ids))
+        found: list[Contact] = []
+        with self._read() as db:
+            for i in range(0, len(ids), 512):
+                marks, chunk = _in_list(ids[i:i + 512])
+                found += [_contact(r) for r in db.execute(
+                    f"{_CONTACT_SELECT} WHERE c.id IN ({marks}) ORDER BY c.id", chunk)]
+        return found
 
     def get_contact(self, contact_id: int) -> Contact | None:
         found = self._contacts("c.id = ?", (contact_id,), order="c.id")
@@ -938,6 +964,13 @@ class Challenged:
 def _tunnel_count(db: sqlite3.Connection) -> int:
     """Rows of `tunnels` (leases), as the schema's triggers keep it (schema.COUNTED)."""
     return db.execute("SELECT value FROM meta WHERE key = 'tunnel_count'").fetchone()[0]
+
+
+def _ask_renewal(db: sqlite3.Connection, contact_id: int) -> None:
+    """Ask the sweep to renew the kernel lifetime of the contact's tunnel in use (one row per
+    contact; asking again while a request waits moves its `seq`)."""
+    db.execute("INSERT INTO renewals (contact_id, seq) VALUES (?, 1)"
+               " ON CONFLICT (contact_id) DO UPDATE SET seq = seq + 1", (contact_id,))
 
 
 def _in_list(values: Iterable) -> tuple[str, tuple]:

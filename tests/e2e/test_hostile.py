@@ -47,6 +47,17 @@ def _raw_seen(phone: Phone, seconds: float) -> list[bytes]:
             got.append(s.recv(65535))
 
 
+def _stranger(link, phone: Phone) -> socket.socket:
+    """Another UDP socket on the phone's address, on a port of the kernel's choosing that no
+    other socket holds: without SO_REUSEADDR, which the phone's sockets have (with it on both,
+    the kernel may hand out a port the phone's protected socket holds, and the stranger's
+    cleartext would then be the phone's own)."""
+    s = _socket(link.ue, 4, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    s.bind((phone.ip, 0))
+    return s
+
+
 def test_a_401_for_a_gone_transaction_never_reaches_the_phone(link, scscf, kamailio):
     """The S-CSCF answers a REGISTER whose transaction TM no longer has (after fr_timer or a
     restart: here its Via branch names no transaction). Before: Kamailio forwarded the 401
@@ -149,10 +160,8 @@ def test_twenty_thousand_hostile_messages_leave_kamailio_answering_and_nothing_b
     rows, sas, policies = _store_rows(kamailio), len(pcscf_states(link)), pcscf_policy_count(link)
     processes = len(kamailio.processes())
 
-    plain = _socket(link.ue, 4, socket.SOCK_DGRAM)
-    plain.bind((phone.ip, 0))
-    stranger = _socket(link.ue, 4, socket.SOCK_DGRAM)
-    stranger.bind((phone.ip, 0))  # protected ports, but not from the phone's protected ports
+    plain = _stranger(link, phone)
+    stranger = _stranger(link, phone)  # protected ports, but not from the phone's protected ports
     through_sas = phone._udp[t.port_uc]  # port_uc -> port_ps: ESP, SA1
     targets = [  # (socket, destination, share of the protected group)
         (through_sas, (pcscf, t.port_ps)),
@@ -216,8 +225,7 @@ def test_a_stranger_cannot_aim_our_replies_at_the_phones_protected_ports(link, s
     phone = Phone(link, scscf, user="aimed")
     phone.full_registration()
     t = phone.tunnel
-    stranger = _socket(link.ue, 4, socket.SOCK_DGRAM)
-    stranger.bind((phone.ip, 0))
+    stranger = _stranger(link, phone)
     try:
         with esp_net.Capture(link, "aimed") as cap:
             for local in (t.port_pc, t.port_ps, 5060):

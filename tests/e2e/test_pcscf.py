@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
+import invariant
 from checks import assert_store_matches_kernel, through_esp
 from pcscf_net import Phone, assert_no_keys, mo_call, mt_call, pcscf_states, wait_gone
 
@@ -18,6 +19,27 @@ def test_register(link, scscf, kamailio):
     with through_esp(phone, "sa1", "sa3"):
         phone.full_registration()
     assert len([s for s in pcscf_states(link) if s["dst"] == phone.ip]) == 2
+
+
+def test_kamailios_sweep_moves_the_kernel_lifetime_to_the_registrations(link, scscf, kamailio):
+    """The 200 OK asks; the sweep (rtimer, every second) moves the hard lifetime of the
+    phone's 4 SAs and 4 policies from the pending one (PENDING_LIFETIME 30 + margin 60) to
+    the registration's: expiry 600 + EXPIRY_GRACE 2 + margin 60 (+1 for a whole second)."""
+    phone = _phone(link, scscf, "lifetime")
+    phone.full_registration()
+    ports = {phone.tunnel.port_uc, phone.tunnel.port_us}  # phones here share one address
+    mine = lambda entries: [e for e in entries if ports & {e.sel[4], e.sel[5]}]
+    assert len(mine(invariant.kernel_sas(link.pc))) == 4
+    deadline = time.monotonic() + 5
+    while True:
+        hards = ({s.hard for s in mine(invariant.kernel_sas(link.pc))},
+                 {p.hard for p in mine(invariant.kernel_policies(link.pc))})
+        if all(h and min(h) >= 600 for h in hards) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(h and h <= set(range(600 + 2 + 60 - 3, 600 + 2 + 60 + 3)) for h in hards), hards
+    with through_esp(phone, "sa1", "sa3"):
+        mo_call(phone, scscf)  # still carrying traffic after the update
 
 
 def test_retransmissions_during_processing_make_one_transaction(link, scscf, kamailio):

@@ -117,13 +117,15 @@ def test_the_kernel_removes_a_tunnel_the_module_forgot(tmp_path, xfrm):
 def test_a_registered_tunnel_refreshed_survives_its_earlier_lifetimes(tmp_path, xfrm):
     p = _module_start(tmp_path, xfrm)
     t0 = time.time()
-    server = p.registered(expires=10)  # 200 OK: lifetime to t0 + 10 + 1 + 1
+    server = p.registered(expires=10)  # 200 OK: asks the sweep for a renewal
+    p.module.sweep()  # lifetime to t0 + 10 + 1 + 1
     assert invariant.problems(xfrm_ns(xfrm), p.module.store.path, lifetimes=True,
                               ours_only=True) == []
     time.sleep(max(0.0, t0 + 7.5 - time.time()))  # past the pending lifetime (6 s)
     assert _count(xfrm) == (4, 4)
     p.clock.now = time.time()
-    p.refreshed(server, cseq=10, expires=10)  # lifetime to t0 + 7.5 + 12
+    p.refreshed(server, cseq=10, expires=10)
+    p.module.sweep()  # lifetime to t0 + 7.5 + 12
     time.sleep(max(0.0, t0 + 14 - time.time()))  # past the first registration's (12 s)
     assert _count(xfrm) == (4, 4)
     hards = {s.hard for s in xfrm.states(MARKER)}

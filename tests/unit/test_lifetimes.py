@@ -8,9 +8,10 @@ import errno
 import pytest
 
 import KSR
-from ipsec import lifetimes
+from ipsec import lifetimes, renewals
 from ipsec.params import ParamError
 from ipsec.sipuri import Address
+from ipsec.store import UeLocks
 from ipsec.xfrm import structs as k
 from scenario import (OFFER, PCSCF, PORT_UC, UE, Pcscf, challenge, register, reply_to,
                       server_param)
@@ -53,17 +54,40 @@ def test_the_401_gives_the_pending_lifetime_and_margin(pcscf):
     assert _hards(pcscf) == ({PENDING + MARGIN}, {PENDING + MARGIN})
 
 
-def test_the_200_ok_and_each_refresh_move_the_lifetime_to_expiry_grace_and_margin(pcscf):
+class _Counting:
+    """Counts the netlink round trips asked of the fake kernel (look-ups and batches)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.trips = kernel, 0
+        self._batch, self._look_up = kernel.batch, kernel.look_up
+        kernel.batch, kernel.look_up = self.batch, self.look_up
+
+    def batch(self, requests):
+        self.trips += bool(requests)  # an empty batch sends nothing
+        return self._batch(requests)
+
+    def look_up(self, sa_ids, policy_ids):
+        self.trips += bool(sa_ids or policy_ids)
+        return self._look_up(sa_ids, policy_ids)
+
+
+def test_the_200_ok_asks_and_the_sweep_moves_the_lifetime_to_expiry_grace_and_margin(pcscf):
     pcscf.clock.now = float(int(pcscf.clock.now))  # whole seconds, as the kernel's add_time
     server = pcscf.registered(expires=EXPIRES)
+    assert _hards(pcscf) == ({PENDING + MARGIN}, {PENDING + MARGIN})  # until the sweep
+    counting = _Counting(pcscf.kernel)
+    assert pcscf.module.sweep() == 1 and counting.trips == 2  # one look-up, one update batch
     added = {s.add_time for s in pcscf.kernel.sas.values()}
     assert len(added) == 1
     (added,) = added
     want = lifetimes.registered_deadline(_contact(pcscf).expires, GRACE, MARGIN)
     assert _hards(pcscf) == ({round(want - added)}, {round(want - pcscf.clock())})
     assert round(want - added) == EXPIRES + GRACE + MARGIN  # the fake clock did not move
+    assert pcscf.module.sweep() == 1 and counting.trips == 2  # served once: nothing asked now
     pcscf.clock.advance(400)
     pcscf.refreshed(server, cseq=10)
+    assert counting.trips == 2  # the 200 OK of a refresh asks nothing of the kernel
+    pcscf.module.sweep()
     want = lifetimes.registered_deadline(_contact(pcscf).expires, GRACE, MARGIN)
     sas, pols = _hards(pcscf)
     # SAs keep their add_time: 400 s since it, plus the whole new registration
@@ -74,15 +98,75 @@ def test_the_200_ok_and_each_refresh_move_the_lifetime_to_expiry_grace_and_margi
     assert len(pcscf.kernel.policies_by_id) == 4 and want - added == 400 + EXPIRES + GRACE + MARGIN
 
 
-def test_a_refused_renewal_is_logged_and_the_registration_stands(pcscf):
+def test_one_sweep_renews_many_phones_in_two_round_trips(pcscf):
+    pcscf.clock.now = float(int(pcscf.clock.now))
+    phones = [f"10.0.1.{n}" for n in range(1, 21)]
+    for ue in phones:
+        pcscf.registered(ue=ue, expires=EXPIRES)
+    counting = _Counting(pcscf.kernel)
+    pcscf.module.sweep()
+    assert counting.trips == 2
+    deadline = {round(lifetimes.registered_deadline(c.expires, GRACE, MARGIN) - pcscf.clock())
+                for ue in phones
+                for c in pcscf.module.store.find_by_aor("sip:alice@ims.example")
+                if c.received.host == ue}
+    assert _hards(pcscf) == (deadline, deadline) and len(pcscf.kernel.sas) == 80
+
+
+def test_a_refresh_while_the_sweep_renews_is_renewed_at_the_next_sweep(pcscf, monkeypatch):
+    """The worker's 200 OK does not take the phone's lock: a refresh that lands between the
+    sweep's read and its delete asks again (its seq moved), and its request is not lost."""
+    pcscf.clock.now = float(int(pcscf.clock.now))
+    pcscf.registered(expires=EXPIRES)
+    c = _contact(pcscf)
+    real = renewals.kernel.renew_all
+
+    def refresh_meanwhile(x, wanted, now):
+        done = real(x, wanted, now)
+        pcscf.module.store.register(c.id, pcscf.clock() + 3000, uri=c.uri, received=c.received,
+                                    through=None)
+        return done
+
+    monkeypatch.setattr(renewals.kernel, "renew_all", refresh_meanwhile)
+    pcscf.module.sweep()
+    monkeypatch.setattr(renewals.kernel, "renew_all", real)
+    assert _hards(pcscf)[1] == {EXPIRES + GRACE + MARGIN}  # what the sweep read
+    pcscf.module.sweep()
+    assert _hards(pcscf)[1] == {3000 + GRACE + MARGIN}  # what the refresh asked
+
+
+def test_a_refused_renewal_is_logged_and_tried_again(pcscf):
+    pcscf.clock.now = float(int(pcscf.clock.now))
     server = pcscf.registered()
+    pcscf.module.sweep()
     before = _hards(pcscf)
     pcscf.kernel.refuse = lambda r: errno.ENOBUFS if r.type == k.XFRM_MSG_UPDSA else None
     pcscf.clock.advance(100)
     pcscf.refreshed(server, cseq=11, expires=1200)
     assert _contact(pcscf).expires == pytest.approx(pcscf.clock() + 1200)
+    pcscf.module.sweep()
     assert "not renewed" in "".join(KSR._rec.logs["err"])
+    assert "key" not in "".join(KSR._rec.logs["err"]).lower()
     assert _hards(pcscf)[0] == before[0]  # the SAs kept their lifetime
+    pcscf.kernel.refuse = lambda r: None
+    pcscf.module.sweep()  # the request stayed
+    assert _hards(pcscf)[0] == {100 + 1200 + GRACE + MARGIN}
+
+
+def test_a_sweep_that_cannot_reach_the_kernel_keeps_the_requests(pcscf):
+    pcscf.clock.now = float(int(pcscf.clock.now))
+    pcscf.registered()
+
+    def broken(*_):
+        raise OSError(errno.ENOBUFS, "No buffer space available")
+
+    real, pcscf.kernel.look_up = pcscf.kernel.look_up, broken
+    assert pcscf.module.sweep() == 1  # the rest of the sweep still ran
+    assert "kernel lifetimes not renewed" in "".join(KSR._rec.logs["err"])
+    assert _hards(pcscf) == ({PENDING + MARGIN}, {PENDING + MARGIN})
+    pcscf.kernel.look_up = real
+    pcscf.module.sweep()
+    assert _hards(pcscf)[0] == {600 + GRACE + MARGIN}
 
 
 def test_renewing_a_tunnel_the_kernel_lost_is_a_warning(pcscf):
@@ -90,8 +174,16 @@ def test_renewing_a_tunnel_the_kernel_lost_is_a_warning(pcscf):
     spi = _contact(pcscf).tunnel.lease.spi_pc
     del pcscf.kernel.sas[(PCSCF, spi)]
     pcscf.refreshed(server, cseq=12)
+    pcscf.module.sweep()
     assert "1 piece(s) not in the kernel" in "".join(KSR._rec.logs["warn"])
     assert len(pcscf.kernel.sas) == 3  # nothing re-created
+
+
+def test_a_contact_gone_before_the_sweep_leaves_no_request(pcscf):
+    pcscf.registered()
+    c = _contact(pcscf)
+    pcscf.module.store.delete_contacts([c.id])
+    assert pcscf.module.store.renewals_due(10) == []
 
 
 def test_pending_sas_that_a_challenged_register_came_through_get_the_registrations_lifetime(
@@ -113,13 +205,35 @@ def test_pending_sas_that_a_challenged_register_came_through_get_the_registratio
             f"WWW-Authenticate: {challenge(ck='11' * 16)}",)))
         return rec.values("Security-Server")[0]
 
-    pcscf.clock.advance(100)
+    pcscf.clock.advance(10)  # the store leases on the real clock: not past PENDING_LIFETIME
     first = challenged(32000, 7000, old_server, PORT_UC, int(server_param(old_server, "port-s")))
     pcscf.clock.advance(5)
     challenged(33000, 8000, first, 32000, int(server_param(first, "port-s")))
+    pcscf.module.sweep()
     c = _contact(pcscf)
     by_spi = {spi: s.hard for (_, spi), s in pcscf.kernel.sas.items()}
     deadline = lifetimes.registered_deadline(c.expires, GRACE, MARGIN)
-    # installed at the first 401 (clock + 100), renewed at the second
+    # installed at the first 401 (clock + 10), renewed at the second
     assert by_spi[c.tunnel.lease.spi_pc] == round(deadline - (pcscf.clock() - 5))
     assert by_spi[c.pending.lease.spi_pc] == PENDING + MARGIN
+
+
+def test_the_sweep_renews_under_the_phones_lock(pcscf, monkeypatch):
+    """A worker changing the phone's tunnels (ipsec_create holds the lock) must not remove a
+    policy between the sweep's look-up and its update, which would add it back."""
+    pcscf.registered()
+    other = UeLocks(pcscf.module.locks.path)  # another open: another worker, as far as OFD goes
+    seen: list[bool] = []
+    real = renewals.kernel.renew_all
+
+    def look(x, wanted, now):
+        with other.try_held(UE) as got:
+            seen.append(got)
+        return real(x, wanted, now)
+
+    monkeypatch.setattr(renewals.kernel, "renew_all", look)
+    pcscf.module.sweep()
+    with other.try_held(UE) as got:
+        seen.append(got)
+    other.close()
+    assert seen == [False, True]

@@ -230,6 +230,7 @@ def test_pending_lifetime_is_a_define(tmp_path):
 
 def test_a_rekey_the_phone_never_completes_loses_its_pending_sas_and_keeps_its_own(pcscf):
     server = pcscf.registered()
+    pcscf.module.sweep()  # its kernel lifetime renewed
     in_use = dict(pcscf.kernel.sas)
     raw = register(security_client=offer(7), security_verify=server, via=f"{UE}:{PORT_UC}", cseq=3)
     rec = pcscf.request(raw, source=(UE, PORT_UC, "udp"), local=(PCSCF, int(server_param(server, "port-s"))))

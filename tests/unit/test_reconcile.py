@@ -119,6 +119,7 @@ def test_the_sweep_removing_a_stale_lease_leaves_a_live_tunnels_policies_on_the_
     install was refused, or its worker died before releasing it): the sweep removes it, and
     the live tunnel keeps its 4 policies (removal by selector took them: SAs, no policies)."""
     pcscf.registered()
+    pcscf.module.sweep()  # its kernel lifetime renewed
     db = pcscf.module.store._db()
     cur = db.execute("SELECT * FROM tunnels")
     row = dict(zip([d[0] for d in cur.description], cur.fetchone()))

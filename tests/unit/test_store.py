@@ -70,7 +70,7 @@ def test_files_are_private_even_with_a_permissive_umask(tmp_path):
 def test_schema_has_a_version_and_wal(store):
     store.lease()
     db = sqlite3.connect(store.path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (6,)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (7,)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     db.close()
 
@@ -167,7 +167,9 @@ def test_a_version_2_file_is_upgraded_in_place_keeping_its_phones(tmp_path):
     assert s._db().execute(count).fetchone() == (2,)  # v6: counted at the upgrade
     assert not s.release(Lease(1004, 1005, 5100, 5200)) and s.release(alice.tunnel.lease)
     assert s._db().execute(count).fetchone() == (1,)
-    assert s._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (6,)
+    assert s._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (7,)
+    s.register(bob.id, time.time() + 600, uri=bob.uri, received=bob.received, through=None)
+    assert s.renewals_due(10) == [(bob.id, 1)]  # v7: the sweep's renewal requests
     s.close()
 
 
@@ -584,3 +586,20 @@ def test_workers_leave_the_wal_checkpoint_to_the_sweep(store, tmp_path):
     assert tunnels_in_the_file_alone() == 0
     store.checkpoint()
     assert tunnels_in_the_file_alone() == 1
+
+
+def test_renewal_requests_follow_registrations_and_promotions(tmp_path):
+    s = make(tmp_path / "ipsec.db")
+    c = pending(s)
+    assert s.renewals_due(10) == []  # a pending contact's tunnel keeps its pending lifetime
+    s.register(c.id, time.time() + 600, uri=c.uri, received=c.received, through=None)
+    assert s.renewals_due(10) == [(c.id, 1)]
+    s.register(c.id, time.time() + 900, uri=c.uri, received=c.received, through=None)
+    assert s.renewals_due(10) == [(c.id, 2)]  # asked again: its seq moved
+    s.renewed([(c.id, 1)])  # a sweep that served the first request only
+    assert s.renewals_due(10) == [(c.id, 2)]
+    s.renewed([(c.id, 2)])
+    assert s.renewals_due(10) == []
+    s.register(c.id, time.time() + 900, uri=c.uri, received=c.received, through=None)
+    s.delete_contacts([c.id])
+    assert s.renewals_due(10) == []  # the request goes with its contact

@@ -1,0 +1,67 @@
+"""Kernel lifetimes follow registrations, renewed by the sweep in batches.
+
+A 200 OK that registers or refreshes a contact, and a promotion of a pending tunnel, ask for
+a renewal in the store, in their own transaction (`renewals` table); the sweep serves what
+is asked every second: the contacts as they stand under their phones' locks, all their
+tunnels' SAs and policies in one look-up batch and one update batch (ipsec/tunnel.py
+`renew_all`). Done in the worker, a renewal was two netlink round trips and two store reads
+on the path of every 200 OK; here it is two round trips per second for all phones.
+
+Meanwhile the tunnel keeps the lifetime it had: the pending one (PENDING_LIFETIME + margin
+from its install) or the previous registration's, each a margin past what the sweep itself
+would wait for, so a sweep late by less than the margin loses nothing. A request the kernel
+refuses (other than an entry gone) stays for the next sweep; one asked again while the
+sweep served it (a refresh in between: its `seq` moved) stays too.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ipsec import lifetimes, tunnel as kernel
+from ipsec.store import REGISTERED, Contact, Store, Tunnel, UeLocks
+from ipsec.xfrm import PolicyId, SAId, Xfrm, XfrmError
+
+BATCH = 512  # contacts per sweep: bounds how long the sweep holds their phones' locks
+
+
+@dataclass
+class Outcome:
+    renewed: int = 0
+    missing: list[tuple[Contact, list[SAId | PolicyId]]] = field(default_factory=list)
+    refused: list[tuple[Contact, XfrmError]] = field(default_factory=list)
+
+
+def renew_due(store: Store, xfrm: Xfrm, locks: UeLocks, spec_of: Callable[[Tunnel], kernel.Tunnel],
+              grace: float, margin: float, now: float, limit: int = BATCH) -> Outcome:
+    """Serve up to `limit` renewal requests. Raises what the store or the netlink socket
+    raises (the requests then stay)."""
+    due = dict(store.renewals_due(limit))
+    out = Outcome()
+    if not due:
+        return out
+    hosts = {c.tunnel.ue.host for c in store.get_contacts(due) if c.tunnel is not None}
+    with locks.all_held(hosts):
+        contacts = store.get_contacts(due)  # as they stand now that no worker changes them
+        done = [(cid, seq) for cid, seq in due.items()
+                if cid not in {c.id for c in contacts}]  # gone meanwhile
+        jobs: list[Contact] = []
+        for c in contacts:
+            if c.state != REGISTERED or c.tunnel is None:
+                done.append((c.id, due[c.id]))  # nothing in use to renew
+            elif c.tunnel.ue.host in hosts:
+                jobs.append(c)
+            # else its tunnel is now on an address whose lock is not held: next sweep
+        results = kernel.renew_all(
+            xfrm, [(spec_of(c.tunnel), lifetimes.registered_deadline(c.expires, grace, margin))
+                   for c in jobs], now)
+        for c, r in zip(jobs, results):
+            if r.error is not None:
+                out.refused.append((c, r.error))
+                continue
+            done.append((c.id, due[c.id]))
+            out.renewed += 1
+            if r.missing:
+                out.missing.append((c, r.missing))
+        store.renewed(done)
+    return out
