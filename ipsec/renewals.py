@@ -22,8 +22,8 @@ from ipsec import lifetimes, tunnel as kernel
 from ipsec.store import REGISTERED, Contact, Store, Tunnel, UeLocks
 from ipsec.xfrm import PolicyId, SAId, Xfrm, XfrmError
 
-BATCH = 512  # contacts per sweep: bounds how long the sweep holds their phones' locks
-
+BATCH = 512  # requests one sweep serves (the rest wait for the next second)
+CHUNK = 64  # contacts whose phones' locks are held at once: a worker waits at most one chunk
 
 @dataclass
 class Outcome:
@@ -34,17 +34,23 @@ class Outcome:
 
 def renew_due(store: Store, xfrm: Xfrm, locks: UeLocks, spec_of: Callable[[Tunnel], kernel.Tunnel],
               grace: float, margin: float, now: float, limit: int = BATCH) -> Outcome:
-    """Serve up to `limit` renewal requests. Raises what the store or the netlink socket
-    raises (the requests then stay)."""
-    due = dict(store.renewals_due(limit))
+    """Serve up to `limit` renewal requests, CHUNK at a time. Raises what the store or the
+    netlink socket raises (the requests not yet served then stay)."""
+    due = store.renewals_due(limit)
     out = Outcome()
-    if not due:
-        return out
+    for i in range(0, len(due), CHUNK):
+        _renew_chunk(store, xfrm, locks, spec_of, grace, margin, now, dict(due[i:i + CHUNK]), out)
+    return out
+
+
+def _renew_chunk(store: Store, xfrm: Xfrm, locks: UeLocks,
+                 spec_of: Callable[[Tunnel], kernel.Tunnel], grace: float, margin: float,
+                 now: float, due: dict[int, int], out: Outcome) -> None:
     hosts = {c.tunnel.ue.host for c in store.get_contacts(due) if c.tunnel is not None}
     with locks.all_held(hosts):
         contacts = store.get_contacts(due)  # as they stand now that no worker changes them
-        done = [(cid, seq) for cid, seq in due.items()
-                if cid not in {c.id for c in contacts}]  # gone meanwhile
+        found = {c.id for c in contacts}
+        done = [(cid, seq) for cid, seq in due.items() if cid not in found]  # gone meanwhile
         jobs: list[Contact] = []
         for c in contacts:
             if c.state != REGISTERED or c.tunnel is None:
@@ -64,4 +70,3 @@ def renew_due(store: Store, xfrm: Xfrm, locks: UeLocks, spec_of: Callable[[Tunne
             if r.missing:
                 out.missing.append((c, r.missing))
         store.renewed(done)
-    return out

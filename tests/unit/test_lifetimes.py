@@ -98,19 +98,21 @@ def test_the_200_ok_asks_and_the_sweep_moves_the_lifetime_to_expiry_grace_and_ma
     assert len(pcscf.kernel.policies_by_id) == 4 and want - added == 400 + EXPIRES + GRACE + MARGIN
 
 
-def test_one_sweep_renews_many_phones_in_two_round_trips(pcscf):
+def test_one_sweep_renews_many_phones_in_two_round_trips_per_chunk(tmp_path):
+    pcscf = Pcscf.start(str(tmp_path / "ipsec.sqlite"), IPSEC_SPI_ID_RANGE="400")
     pcscf.clock.now = float(int(pcscf.clock.now))
-    phones = [f"10.0.1.{n}" for n in range(1, 21)]
+    phones = [f"10.0.1.{n}" for n in range(1, renewals.CHUNK + 7)]
     for ue in phones:
         pcscf.registered(ue=ue, expires=EXPIRES)
     counting = _Counting(pcscf.kernel)
     pcscf.module.sweep()
-    assert counting.trips == 2
+    assert counting.trips == 4  # a chunk of CHUNK phones, then one of 6
     deadline = {round(lifetimes.registered_deadline(c.expires, GRACE, MARGIN) - pcscf.clock())
                 for ue in phones
                 for c in pcscf.module.store.find_by_aor("sip:alice@ims.example")
                 if c.received.host == ue}
-    assert _hards(pcscf) == (deadline, deadline) and len(pcscf.kernel.sas) == 80
+    assert _hards(pcscf) == (deadline, deadline) and len(pcscf.kernel.sas) == 4 * len(phones)
+    pcscf.module.store.close()
 
 
 def test_a_refresh_while_the_sweep_renews_is_renewed_at_the_next_sweep(pcscf, monkeypatch):
