@@ -49,7 +49,11 @@ _CONTACT_SELECT = f"""
 _USED = ("EXISTS (SELECT 1 FROM contacts c WHERE c.tunnel_id = t.id"
          " OR c.pending_tunnel_id = t.id)")
 # a contact (alias c) whose phone has never come back through any SAs (ipsec/limits.py)
-_UNCONFIRMED = "c.state = 'pending' AND c.tunnel_id IS NULL"
+# The unary + keeps SQLite from answering `tunnel_id IS NULL` with the contacts_tunnel index:
+# without statistics it takes that for selective, and it matches every unconfirmed contact,
+# so each challenge read them all (O(unconfirmed) per 401, the unit of a REGISTER flood);
+# the queries below are driven by the pending tunnel, the phone's address or the AoR.
+_UNCONFIRMED = "c.state = 'pending' AND +c.tunnel_id IS NULL"
 _OLDEST_SHOWN = 4  # unconfirmed contacts a challenge is shown when the pool runs short
 
 

@@ -1,0 +1,98 @@
+"""What a challenge costs in SQLite must not grow with the number of phones the store holds:
+counted in SQLite virtual-machine instructions (a progress handler called at each one), not
+in time, so that the test is the same on a busy machine."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from scenario import Pcscf, challenge, register, reply_to
+
+OFFER = ("ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;spi-c={s};spi-s={t};"
+         "port-c=31000;port-s=31001")
+
+
+def _held(p: Pcscf, n: int, registered: bool) -> None:
+    """n phones, each on its own address: registered (a contact with its tunnel in use) or
+    challenged and never back (a contact with only a pending tunnel: a flood of REGISTERs
+    from many sources)."""
+    now = time.time()
+    with p.module.store._tx() as db:
+        for i in range(n):
+            host = f"10.{100 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}"
+            (tid,) = db.execute(
+                "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, leased_at,"
+                " ue_host, spi_uc, spi_us, port_uc, port_us, alg, ealg, pcscf_host)"
+                " VALUES (?, ?, 5100, 5200, 0, ?, ?, 1111, 2222, 31000, 31001,"
+                " 'hmac-sha-1-96', 'aes-cbc', '10.0.0.1') RETURNING id",
+                (900000 + 2 * i, 900001 + 2 * i, now, host)).fetchone()
+            db.execute(
+                "INSERT INTO contacts (aor, uri, contact_host, contact_port, via_host, via_port,"
+                " via_proto, received_host, received_port, received_proto, state, expires,"
+                f" {'tunnel_id' if registered else 'pending_tunnel_id'}) VALUES (?, ?, ?, 5060,"
+                " ?, 5060, 'udp', ?, 5060, 'udp', ?, ?, ?)",
+                (f"sip:u{i}@ims.example", f"sip:u{i}@{host}:5060", host, host, host,
+                 "registered" if registered else "pending", now + (600 if registered else 30),
+                 tid))
+
+
+def _steps_of_a_challenge(tmp_path, held: int, registered: bool) -> int:
+    p = Pcscf.start(str(tmp_path / f"ipsec-{held}-{registered}.sqlite"),
+                    IPSEC_SPI_ID_RANGE="20000", PENDING_PER_HOST="100000")
+    try:
+        _held(p, held, registered)
+        db = p.module.store._db()
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        host = "10.0.9.9"
+        raw = register(aor="sip:new@ims.example", contact=f"sip:new@{host}:5060",
+                       via=f"{host}:5060", security_client=OFFER.format(s=3001, t=3002))
+        rec = p.request(raw, source=(host, 5060, "udp"))
+        db.set_progress_handler(count, 1)
+        rec = p.register_reply(rec.relays[0], reply_to(raw, 401, "Unauthorized", (
+            f"WWW-Authenticate: {challenge()}",)))
+        db.set_progress_handler(None, 1)
+        assert rec.values("Security-Server"), rec.log_text()
+        return steps[0]
+    finally:
+        p.module.store.close()
+
+
+@pytest.mark.parametrize("registered", [False, True], ids=["unconfirmed", "registered"])
+def test_a_challenge_costs_the_same_with_many_phones_held(tmp_path, registered):
+    """Before: 983 instructions with 20 unconfirmed phones, 42,563 with 2,000 (every
+    unconfirmed contact read at each challenge, through the wrong index)."""
+    few = _steps_of_a_challenge(tmp_path, 20, registered)
+    many = _steps_of_a_challenge(tmp_path, 2000, registered)
+    assert many < 1.5 * few, (few, many)
+
+
+def _steps_of_a_registration(tmp_path, held: int) -> int:
+    p = Pcscf.start(str(tmp_path / f"ipsec-reg-{held}.sqlite"), IPSEC_SPI_ID_RANGE="20000")
+    try:
+        _held(p, held, registered=True)
+        db = p.module.store._db()
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        db.set_progress_handler(count, 1)
+        p.registered()  # 401, protected REGISTER through the new SAs, 200 OK
+        db.set_progress_handler(None, 1)
+        assert p.module.store.find_by_aor("sip:alice@ims.example")[0].state == "registered"
+        return steps[0]
+    finally:
+        p.module.store.close()
+
+
+def test_a_whole_registration_costs_the_same_with_many_phones_registered(tmp_path):
+    few = _steps_of_a_registration(tmp_path, 20)
+    many = _steps_of_a_registration(tmp_path, 2000)
+    assert many < 1.5 * few, (few, many)
