@@ -286,9 +286,9 @@ class Module:
         expires = headers.expires_of(params, msg.first_header("Expires"), DEFAULT_EXPIRES)
         if expires == 0:
             if through is not None:
-                self._retire(self.store.promote(contact_id, through))
+                self._retire_locked(self.store.promote(contact_id, through))
             return 1
-        self._retire(self.store.register(
+        self._retire_locked(self.store.register(
             contact_id, self.clock() + expires, uri=uri, received=req.source(), through=through,
             associated=identities.registered(msg.header("P-Associated-URI"),
                                              req.first_header("To")),
@@ -326,6 +326,15 @@ class Module:
             return noted
         contact = self._contact_of_register(msg.request())
         return contact.id, contact.tunnel.lease.spi_pc
+
+    def _retire_locked(self, old: Tunnel | None) -> None:
+        """`_retire` from a reply route, where the worker holds no phone's lock: under the
+        lock of the retired tunnel's phone, so that the sweep's renewal (ipsec/renewals.py)
+        never reads a policy of it before and updates it after its removal (an update adds
+        a policy that is not there back)."""
+        if old is not None:
+            with self.locks.held(old.ue.host):
+                self._retire(old)
 
     def _retire(self, old: Tunnel | None) -> None:
         """The tunnel a promotion replaced: out of the kernel, its lease back."""

@@ -239,3 +239,37 @@ def test_the_sweep_renews_under_the_phones_lock(pcscf, monkeypatch):
         seen.append(got)
     other.close()
     assert seen == [False, True]
+
+
+def test_a_rekeys_200_ok_retires_the_old_tunnel_under_the_phones_lock(pcscf, monkeypatch):
+    """The sweep renews under the phone's lock; the re-key's 200 OK removes the old tunnel
+    under it too, so the sweep's look-up and update never straddle that removal."""
+    old_server = pcscf.registered(expires=EXPIRES)
+    other = UeLocks(pcscf.module.locks.path)
+    seen: list[bool] = []
+    real = pcscf.module._remove_tunnels
+
+    def remove(found):
+        with other.try_held(UE) as got:
+            seen.append(got)
+        return real(found)
+
+    monkeypatch.setattr(pcscf.module, "_remove_tunnels", remove)
+    offer = OFFER.replace(f"port-c={PORT_UC}", "port-c=32000") \
+        .replace("spi-c=1111", "spi-c=7000").replace("spi-s=2222", "spi-s=7001")
+    reg = register(via=f"{UE}:{PORT_UC}", security_client=offer, security_verify=old_server,
+                   cseq=5)
+    rec = pcscf.request(reg, source=(UE, PORT_UC, "udp"),
+                        local=(PCSCF, int(server_param(old_server, "port-s"))))
+    rec = pcscf.register_reply(rec.relays[0], reply_to(reg, 401, "Unauthorized", (
+        f"WWW-Authenticate: {challenge(ck='22' * 16)}",)))
+    new_server = rec.values("Security-Server")[0]
+    protected = register(via=f"{UE}:32000", security_client=offer, security_verify=new_server,
+                         cseq=6)
+    rec = pcscf.request(protected, source=(UE, 32000, "udp"),
+                        local=(PCSCF, int(server_param(new_server, "port-s"))))
+    pcscf.register_reply(rec.relays[0], reply_to(protected, 200, "OK", (
+        f"Contact: <sip:alice@{UE}:5060>;expires={EXPIRES}",)))
+    other.close()
+    assert seen == [False]  # the old tunnel went, under the lock
+    assert len(pcscf.kernel.sas) == 4
