@@ -644,8 +644,10 @@ class Store:
         cutoff = (time.time() if now is None else now) - older_than
         with self._tx() as db:
             rows = db.execute(
-                f"{_CONTACT_SELECT} WHERE c.pending_tunnel_id IS NOT NULL AND p.leased_at <= ?"
-                " ORDER BY c.id", (cutoff,)).fetchall()
+                # `> 0` (ids start at 1) through the pending-tunnel index: the contacts with
+                # a pending tunnel, not all (the sweep asks every second)
+                f"{_CONTACT_SELECT} WHERE c.pending_tunnel_id > 0 AND p.leased_at <= ?"
+                " ORDER BY +c.id", (cutoff,)).fetchall()
             stale = [_contact(row) for row in rows]
             for c in stale:
                 if c.tunnel is None and c.state == PENDING:
@@ -697,9 +699,12 @@ class Store:
             args += (REGISTERED, now - grace, PENDING, now)
         if db.execute(f"DELETE FROM contacts WHERE {where}", args).rowcount == 0:
             return []
+        # does another contact use it? Two index look-ups (a join on `t.id IN (c.tunnel_id,
+        # c.pending_tunnel_id)` read every contact at each de-registration and expiry)
         return [t for t in (contact.tunnel, contact.pending) if t is not None and not db.execute(
-            "SELECT 1 FROM contacts c JOIN tunnels t ON t.id IN (c.tunnel_id, c.pending_tunnel_id)"
-            " WHERE t.spi_pc = ?", (t.lease.spi_pc,)).fetchone()]
+            "SELECT 1 FROM tunnels t WHERE t.spi_pc = ? AND (EXISTS (SELECT 1 FROM contacts c"
+            " WHERE c.tunnel_id = t.id) OR EXISTS (SELECT 1 FROM contacts c"
+            " WHERE c.pending_tunnel_id = t.id))", (t.lease.spi_pc,)).fetchone()]
 
     def renewals_due(self, limit: int) -> list[tuple[int, int]]:
         """Up to `limit` requests to renew a contact's kernel lifetime: (contact id, seq)."""
@@ -731,9 +736,12 @@ class Store:
     def expired(self, now: float, grace: float) -> list[Contact]:
         """Contacts to tear down: registered ones `grace` seconds past their expiry (the SAs
         outlive the registration a little, as 33.203 asks), pending ones at their end."""
+        # the first bound (the later of the two) lets the expires index give a range, not a
+        # walk through every contact (the sweep asks every second)
         return self._contacts(
-            "(c.state = ? AND c.expires <= ?) OR (c.state = ? AND c.expires <= ?)",
-            (REGISTERED, now - grace, PENDING, now), order="c.expires, c.id")
+            "c.expires <= ? AND ((c.state = ? AND c.expires <= ?) OR (c.state = ? AND c.expires <= ?))",
+            (max(now, now - grace), REGISTERED, now - grace, PENDING, now),
+            order="c.expires, c.id")
 
     # -- look-ups: one per rule of the module functions ---------------------------------------
 
