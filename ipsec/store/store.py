@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ipsec.sipuri import (TRANSPORTS, Address, SipUri, alias_target, normalize_host, parse_uri,
-                          uri_target)
+from ipsec.sipuri import (TRANSPORTS, Address, SipUri, SipUriError, alias_target, normalize_host,
+                          parse_uri, uri_target)
 from ipsec import forks
 from ipsec.limits import Pressure, Verdict
 from ipsec.store import schema
@@ -838,8 +838,17 @@ class Store:
             (aor, aor, normalize_host(host), port), newest_first)
 
     def find_by_aor(self, aor: str) -> list[Contact]:
-        """Every contact of an AoR (or with this contact URI), oldest first: ipsec_destroy."""
-        return self._contacts("c.aor = ? OR c.uri = ?", (aor, aor), order="c.id")
+        """Every contact of an AoR (or with this contact URI), oldest first: ipsec_destroy.
+
+        The contact URI is matched through its host and port (the contacts_contact index):
+        `c.uri = ?` alone has no index and read every contact at each call."""
+        try:
+            target = uri_target(parse_uri(aor))
+        except SipUriError:  # no stored contact URI is unparsable: the AoR alone
+            return self._contacts("c.aor = ?", (aor,), order="c.id")
+        return self._contacts(
+            "c.aor = ?1 OR (c.contact_host = ?2 AND c.contact_port = ?3 AND c.uri = ?1)",
+            (aor, target.host, target.port), order="c.id")
 
     # -- helpers ----------------------------------------------------------------------------
 

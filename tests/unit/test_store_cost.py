@@ -23,9 +23,9 @@ def _held(p: Pcscf, n: int, registered: bool) -> None:
             host = f"10.{100 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}"
             (tid,) = db.execute(
                 "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, leased_at,"
-                " ue_host, spi_uc, spi_us, port_uc, port_us, alg, ealg, pcscf_host)"
+                " ue_host, spi_uc, spi_us, port_uc, port_us, alg, ealg, pcscf_host, keys_digest)"
                 " VALUES (?, ?, 5100, 5200, 0, ?, ?, 1111, 2222, 31000, 31001,"
-                " 'hmac-sha-1-96', 'aes-cbc', '10.0.0.1') RETURNING id",
+                " 'hmac-sha-1-96', 'aes-cbc', '10.0.0.1', x'00') RETURNING id",
                 (900000 + 2 * i, 900001 + 2 * i, now, host)).fetchone()
             db.execute(
                 "INSERT INTO contacts (aor, uri, contact_host, contact_port, via_host, via_port,"
@@ -140,3 +140,26 @@ def test_the_sweep_and_a_teardown_cost_the_same_with_many_phones_registered(tmp_
     few = _sweep_and_teardown_steps(tmp_path, 20)
     many = _sweep_and_teardown_steps(tmp_path, 2000)
     assert all(m < 1.5 * f + 20 for f, m in zip(few, many)), (few, many)
+
+
+def test_ipsec_destroy_by_aor_or_contact_uri_reads_only_that_phones_contacts(tmp_path):
+    """ipsec_destroy(domain, aor) looks contacts up by AoR or contact URI: `c.uri = ?` had no
+    index, so each call read every contact: 175 VM instructions with 20 phones, 10,075 with
+    2,000."""
+    costs = []
+    for held in (20, 2000):
+        p = Pcscf.start(str(tmp_path / f"ipsec-aor-{held}.sqlite"), IPSEC_SPI_ID_RANGE="20000")
+        try:
+            _held(p, held, registered=True)
+            p.registered()
+            store = p.module.store
+            (alice,) = store.find_by_aor("sip:alice@ims.example")
+            assert [c.id for c in store.find_by_aor(alice.uri)] == [alice.id]
+            assert [c.id for c in store.find_by_aor("sip:u7@ims.example")] != []
+            assert store.find_by_aor("not a uri") == []
+            costs.append((_steps(p, lambda: store.find_by_aor("sip:alice@ims.example")),
+                          _steps(p, lambda: store.find_by_aor(alice.uri))))
+        finally:
+            p.module.store.close()
+    (few, many) = costs
+    assert all(m < 1.5 * f + 20 for f, m in zip(few, many)), costs
