@@ -27,6 +27,7 @@ two modules can share a host during a migration without flushing each other's tu
 from __future__ import annotations
 
 import errno
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -238,14 +239,18 @@ class Renewed:
     error: XfrmError | None = None
 
 
-def renew_all(x: Xfrm, wanted: Sequence[tuple[Tunnel, float]], now: float) -> list[Renewed]:
+def renew_all(x: Xfrm, wanted: Sequence[tuple[Tunnel, float]], now: float,
+              added: Sequence[float | None] | None = None) -> list[Renewed]:
     """Give each tunnel's 4 SAs and 4 policies a hard lifetime that ends at its deadline
     (epoch seconds), without their keys (never stored), in two round trips for all of them:
     one look-up batch, one update batch. One result per tunnel.
 
     SAs: XFRM_MSG_UPDSA copies only the lifetime into the existing SA (the keys in the
     message, zeros of the right length, are ignored) and keeps its add_time, from which the
-    kernel counts: each SA's new value is computed from its own add_time (GETSA). Policies:
+    kernel counts: each SA's new value is computed from its own add_time, read with GETSA,
+    or, where `added` gives a time the SAs cannot be older than (their lease was taken
+    before they went in), from that time's whole second, without a look-up: they then end
+    at the deadline or as much later as they went in after it. Policies:
     XFRM_MSG_UPDPOLICY replaces the policy (same selector, template and index, add_time now);
     only a policy that is the tunnel's own (`holds`) is replaced, never another tunnel's on
     the same flow.
@@ -253,25 +258,34 @@ def renew_all(x: Xfrm, wanted: Sequence[tuple[Tunnel, float]], now: float) -> li
     plans = []
     sa_ids: list[SAId] = []
     pol_ids: list[PolicyId] = []
-    for tunnel, deadline in wanted:
+    for n, (tunnel, deadline) in enumerate(wanted):
         algs = esp_algs(tunnel.alg, tunnel.ealg, tunnel.ck, tunnel.ik)
         the_sas, the_policies = sas(tunnel, algs), policies(tunnel)
-        plans.append((deadline, codec.alg_attrs(algs), the_sas, the_policies))
-        sa_ids += [SAId(sa.dst, sa.spi) for sa in the_sas]
+        since = added[n] if added is not None else None
+        plans.append((deadline, codec.alg_attrs(algs), the_sas, the_policies, since))
+        if since is None:
+            sa_ids += [SAId(sa.dst, sa.spi) for sa in the_sas]
         pol_ids += [PolicyId(p.dir, p.sel) for p in the_policies]
     found_sas, found_pols = x.look_up(sa_ids, pol_ids) if plans else ([], [])
     results: list[list[XfrmError | None]] = [[] for _ in plans]
     updates: list[Request] = []
     owners: list[int] = []
     i_sa = i_pol = 0
-    for n, (deadline, alg_attrs, the_sas, the_policies) in enumerate(plans):
-        for sa, have in zip(the_sas, found_sas[i_sa:i_sa + len(the_sas)]):
-            if isinstance(have, XfrmError):
-                results[n].append(have)
-            else:
-                hard = lifetimes.seconds(deadline, have.add_time, now)
+    for n, (deadline, alg_attrs, the_sas, the_policies, since) in enumerate(plans):
+        if since is not None:  # UPDSA answers ESRCH for an SA that is gone: "missing"
+            hard = lifetimes.seconds(deadline, math.floor(since), now)
+            for sa in the_sas:
                 updates.append(update_sa(_with_lifetime(sa, hard), alg_attrs))
                 owners.append(n)
+        else:
+            for sa, have in zip(the_sas, found_sas[i_sa:i_sa + len(the_sas)]):
+                if isinstance(have, XfrmError):
+                    results[n].append(have)
+                else:
+                    hard = lifetimes.seconds(deadline, have.add_time, now)
+                    updates.append(update_sa(_with_lifetime(sa, hard), alg_attrs))
+                    owners.append(n)
+            i_sa += len(the_sas)
         pol_hard = lifetimes.seconds(deadline, now, now)
         for want, have in zip(the_policies, found_pols[i_pol:i_pol + len(the_policies)]):
             if isinstance(have, XfrmError):
@@ -283,7 +297,6 @@ def renew_all(x: Xfrm, wanted: Sequence[tuple[Tunnel, float]], now: float) -> li
             else:
                 updates.append(update_policy(replace(want, lifetime=Lifetime(hard=pol_hard))))
                 owners.append(n)
-        i_sa += len(the_sas)
         i_pol += len(the_policies)
     for owner, r in zip(owners, x.batch(updates) if updates else []):
         results[owner].append(r)

@@ -85,6 +85,7 @@ class Store:
         self._gen = -1
         self._secret = b""
         self._writer = WriterLock(path + ".lock")
+        self.clock: Callable[[], float] = time.time  # a lease's time (the module's clock)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -201,7 +202,7 @@ class Store:
         db.execute(
             "INSERT INTO tunnels (spi_pc, spi_ps, port_pc, port_ps, port_index, leased_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, time.time()))
+            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, self.clock()))
         return lease
 
     def _choose_lease(self, db: sqlite3.Connection, ue_host: str | None, avoid: Iterable[int],
@@ -229,7 +230,7 @@ class Store:
             " ue_host, spi_uc, spi_us, port_uc, port_us, alg, ealg, pcscf_host, keys_digest,"
             " offer, security_server, txn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
             " ?, ?, ?, ?)",
-            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, time.time(),
+            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, self.clock(),
              ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, t.alg, t.ealg,
              t.pcscf_host, t.keys_digest, t.offer, t.security_server, t.txn)).lastrowid
         return t, tunnel_id
@@ -717,6 +718,17 @@ class Store:
         if done:
             with self._tx() as db:
                 db.executemany("DELETE FROM renewals WHERE contact_id = ? AND seq = ?", done)
+
+    def leased_at(self, spi_pcs: Iterable[int]) -> dict[int, float]:
+        """When these leases (by spi_pc) were taken: their SAs went in after."""
+        spis = sorted(set(spi_pcs))
+        found: dict[int, float] = {}
+        with self._read() as db:
+            for i in range(0, len(spis), 512):
+                marks, chunk = _in_list(spis[i:i + 512])
+                found.update(db.execute(
+                    f"SELECT spi_pc, leased_at FROM tunnels WHERE spi_pc IN ({marks})", chunk))
+        return found
 
     def get_contacts(self, contact_ids: Iterable[int]) -> list[Contact]:
         """These contacts, those that still exist, in id order."""

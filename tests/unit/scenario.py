@@ -282,6 +282,7 @@ class Pcscf:
         module = Module.from_defines(KSR.kx.get_def, log=KSR)
         kernel, clock = FakeKernel(), Clock()
         module.xfrm, module.clock = kernel, clock
+        module.store.clock = clock  # leases are timed as the kernel's add_time is
         kernel.clock = clock
         KSR._listen(*listen_sockets(module.params))
         return cls(module, Routing(module, KSR.kx.get_def, DOMAIN), kernel, clock)

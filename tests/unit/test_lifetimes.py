@@ -4,6 +4,7 @@ behaviour is in tests/kernel/test_lifetime_expiry.py)."""
 from __future__ import annotations
 
 import errno
+import math
 
 import pytest
 
@@ -123,8 +124,8 @@ def test_a_refresh_while_the_sweep_renews_is_renewed_at_the_next_sweep(pcscf, mo
     c = _contact(pcscf)
     real = renewals.kernel.renew_all
 
-    def refresh_meanwhile(x, wanted, now):
-        done = real(x, wanted, now)
+    def refresh_meanwhile(x, wanted, now, **kw):
+        done = real(x, wanted, now, **kw)
         pcscf.module.store.register(c.id, pcscf.clock() + 3000, uri=c.uri, received=c.received,
                                     through=None)
         return done
@@ -228,10 +229,10 @@ def test_the_sweep_renews_under_the_phones_lock(pcscf, monkeypatch):
     seen: list[bool] = []
     real = renewals.kernel.renew_all
 
-    def look(x, wanted, now):
+    def look(x, wanted, now, **kw):
         with other.try_held(UE) as got:
             seen.append(got)
-        return real(x, wanted, now)
+        return real(x, wanted, now, **kw)
 
     monkeypatch.setattr(renewals.kernel, "renew_all", look)
     pcscf.module.sweep()
@@ -273,3 +274,26 @@ def test_a_rekeys_200_ok_retires_the_old_tunnel_under_the_phones_lock(pcscf, mon
     other.close()
     assert seen == [False]  # the old tunnel went, under the lock
     assert len(pcscf.kernel.sas) == 4
+
+
+def test_the_sweep_looks_up_only_policies_and_counts_sas_from_their_lease(pcscf):
+    """The SAs went in after their lease was taken: their lifetime is counted from the
+    lease's second, so the sweep asks the kernel for no SA (a GETSA answer is the biggest
+    message of a renewal); it still reads the policies (whose they are)."""
+    pcscf.clock.now = float(int(pcscf.clock.now)) + 0.7
+    pcscf.registered(expires=EXPIRES)
+    asked: list[tuple[int, int]] = []
+    real = pcscf.kernel.look_up
+
+    def look_up(sa_ids, policy_ids):
+        asked.append((len(sa_ids), len(policy_ids)))
+        return real(sa_ids, policy_ids)
+
+    pcscf.kernel.look_up = look_up
+    pcscf.clock.advance(3)  # the sweep a little later: the SAs count from their own second
+    pcscf.module.sweep()
+    assert asked == [(0, 4)]
+    c = _contact(pcscf)
+    deadline = lifetimes.registered_deadline(c.expires, GRACE, MARGIN)
+    ends = {s.add_time + s.hard for s in pcscf.kernel.sas.values()}
+    assert ends == {math.ceil(deadline)} and deadline <= min(ends) < deadline + 1
