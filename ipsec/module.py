@@ -778,6 +778,9 @@ class Module:
             self.counters.count(stat.REMOVED + stat.STARTUP)
         reconcile.apply(self.xfrm, plan)
         self.store.release_all(t.lease for t, _ in plan.dropped)
+        # the kept tunnels' kernel lifetimes follow the store again within seconds (those
+        # installed before lifetimes existed have none): the sweep serves these requests
+        self.store.ask_renewals_of_registered()
         self._info(f"start: kept {len(plan.kept)} live tunnel(s), dropped {len(plan.dropped)}, "
                    f"removed {len(plan.stray_sas)} stray SA(s) and "
                    f"{len(plan.stray_policies)} stray policy(ies)")

@@ -707,6 +707,15 @@ class Store:
             " WHERE c.tunnel_id = t.id) OR EXISTS (SELECT 1 FROM contacts c"
             " WHERE c.pending_tunnel_id = t.id))", (t.lease.spi_pc,)).fetchone()]
 
+    def ask_renewals_of_registered(self) -> int:
+        """A renewal request for every registered contact with a tunnel in use (start-up:
+        the tunnels kept get the lifetime the store says); returns how many were asked."""
+        with self._tx() as db:
+            return db.execute(
+                "INSERT INTO renewals (contact_id, seq) SELECT id, 1 FROM contacts"
+                " WHERE state = ? AND tunnel_id IS NOT NULL"
+                " ON CONFLICT (contact_id) DO UPDATE SET seq = seq + 1", (REGISTERED,)).rowcount
+
     def renewals_due(self, limit: int) -> list[tuple[int, int]]:
         """Up to `limit` requests to renew a contact's kernel lifetime: (contact id, seq)."""
         return [(r[0], r[1]) for r in self._query(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -297,3 +298,20 @@ def test_the_sweep_looks_up_only_policies_and_counts_sas_from_their_lease(pcscf)
     deadline = lifetimes.registered_deadline(c.expires, GRACE, MARGIN)
     ends = {s.add_time + s.hard for s in pcscf.kernel.sas.values()}
     assert ends == {math.ceil(deadline)} and deadline <= min(ends) < deadline + 1
+
+
+def test_tunnels_kept_at_start_get_their_registrations_lifetime(pcscf):
+    """A start keeps the live tunnels the kernel holds whole; those without a lifetime (put
+    in before lifetimes existed) or with another one get the registration's at the first
+    sweeps after it."""
+    pcscf.clock.now = float(int(pcscf.clock.now))
+    pcscf.registered(expires=EXPIRES)
+    pcscf.module.sweep()
+    for key, sa in list(pcscf.kernel.sas.items()):
+        pcscf.kernel.sas[key] = replace(sa, hard=0)  # as an older version left them
+    for key, pol in list(pcscf.kernel.policies_by_id.items()):
+        pcscf.kernel.policies_by_id[key] = replace(pol, hard=0)
+    pcscf.module.startup()
+    assert len(pcscf.kernel.sas) == 4  # kept
+    pcscf.module.sweep()
+    assert _hards(pcscf) == ({EXPIRES + GRACE + MARGIN}, {EXPIRES + GRACE + MARGIN})
