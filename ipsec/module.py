@@ -55,6 +55,9 @@ DEFERRED_TEARDOWN = 1.0
 # A lease no contact uses is only left over once it is this old: a worker between lease and
 # attach (installing SAs can take seconds when the kernel loads its crypto) is not one.
 STALE_LEASE_AGE = 60.0
+# How often the sweep looks for such leases: the query reads every lease (an index on
+# leased_at would cost a page at each challenge), and they are rare (a worker that died).
+UNUSED_CHECK_EVERY = 10.0
 
 
 class ModuleError(Exception):
@@ -165,6 +168,7 @@ class Module:
     marker: int = kernel.MARKER
     clock: Callable[[], float] = time.time
     counters: stat.Counters = dataclasses.field(default_factory=stat.NoCounters)
+    unused_checked: float = float("-inf")  # when the sweep last looked for leftover leases
 
     @classmethod
     def from_defines(cls, get_def: Callable[[str], str], log: Log,
@@ -676,7 +680,9 @@ class Module:
             if expired:
                 self._remove_expired(expired, now)
             self._drop_stale_pending(now)
-            self._remove_unused()
+            if now - self.unused_checked >= UNUSED_CHECK_EVERY:  # a scan of every lease
+                self._remove_unused()
+                self.unused_checked = now
             released = self.store.reset_leases_if_empty()
             kernel.remove_all(self.xfrm, [self._spec_of(t) for t in released
                                           if isinstance(t, Tunnel)])

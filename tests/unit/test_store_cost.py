@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from ipsec import module
 from scenario import Pcscf, challenge, register, reply_to
 
 OFFER = ("ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;spi-c={s};spi-s={t};"
@@ -163,3 +164,22 @@ def test_ipsec_destroy_by_aor_or_contact_uri_reads_only_that_phones_contacts(tmp
             p.module.store.close()
     (few, many) = costs
     assert all(m < 1.5 * f + 20 for f, m in zip(few, many)), costs
+
+
+def test_the_sweep_looks_for_leftover_leases_every_ten_seconds_not_every_second(pcscf):
+    """That query reads every lease (leased_at has no index): once a second it was O(phones)
+    each second; a lease a dead worker left waits at most 10 s more for it."""
+    calls = []
+    real = pcscf.module.store.stale_leases
+
+    def counted(*args, **kw):
+        calls.append(pcscf.clock())
+        return real(*args, **kw)
+
+    pcscf.module.store.stale_leases = counted
+    for _ in range(3):
+        assert pcscf.module.sweep() == 1
+        pcscf.clock.advance(1)
+    assert len(calls) == 1
+    pcscf.clock.advance(module.UNUSED_CHECK_EVERY)
+    assert pcscf.module.sweep() == 1 and len(calls) == 2
