@@ -4,6 +4,7 @@ in time, so that the test is the same on a busy machine."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -38,68 +39,8 @@ def _held(p: Pcscf, n: int, registered: bool) -> None:
                  tid))
 
 
-def _steps_of_a_challenge(tmp_path, held: int, registered: bool) -> int:
-    p = Pcscf.start(str(tmp_path / f"ipsec-{held}-{registered}.sqlite"),
-                    IPSEC_SPI_ID_RANGE="20000", PENDING_PER_HOST="100000")
-    try:
-        _held(p, held, registered)
-        db = p.module.store._db()
-        steps = [0]
-
-        def count() -> int:
-            steps[0] += 1
-            return 0
-
-        host = "10.0.9.9"
-        raw = register(aor="sip:new@ims.example", contact=f"sip:new@{host}:5060",
-                       via=f"{host}:5060", security_client=OFFER.format(s=3001, t=3002))
-        rec = p.request(raw, source=(host, 5060, "udp"))
-        db.set_progress_handler(count, 1)
-        rec = p.register_reply(rec.relays[0], reply_to(raw, 401, "Unauthorized", (
-            f"WWW-Authenticate: {challenge()}",)))
-        db.set_progress_handler(None, 1)
-        assert rec.values("Security-Server"), rec.log_text()
-        return steps[0]
-    finally:
-        p.module.store.close()
-
-
-@pytest.mark.parametrize("registered", [False, True], ids=["unconfirmed", "registered"])
-def test_a_challenge_costs_the_same_with_many_phones_held(tmp_path, registered):
-    """Before: 983 instructions with 20 unconfirmed phones, 42,563 with 2,000 (every
-    unconfirmed contact read at each challenge, through the wrong index)."""
-    few = _steps_of_a_challenge(tmp_path, 20, registered)
-    many = _steps_of_a_challenge(tmp_path, 2000, registered)
-    assert many < 1.5 * few, (few, many)
-
-
-def _steps_of_a_registration(tmp_path, held: int) -> int:
-    p = Pcscf.start(str(tmp_path / f"ipsec-reg-{held}.sqlite"), IPSEC_SPI_ID_RANGE="20000")
-    try:
-        _held(p, held, registered=True)
-        db = p.module.store._db()
-        steps = [0]
-
-        def count() -> int:
-            steps[0] += 1
-            return 0
-
-        db.set_progress_handler(count, 1)
-        p.registered()  # 401, protected REGISTER through the new SAs, 200 OK
-        db.set_progress_handler(None, 1)
-        assert p.module.store.find_by_aor("sip:alice@ims.example")[0].state == "registered"
-        return steps[0]
-    finally:
-        p.module.store.close()
-
-
-def test_a_whole_registration_costs_the_same_with_many_phones_registered(tmp_path):
-    few = _steps_of_a_registration(tmp_path, 20)
-    many = _steps_of_a_registration(tmp_path, 2000)
-    assert many < 1.5 * few, (few, many)
-
-
 def _steps(p: Pcscf, call) -> int:
+    """SQLite VM instructions `call()` runs on the module's store connection."""
     db = p.module.store._db()
     steps = [0]
 
@@ -115,12 +56,59 @@ def _steps(p: Pcscf, call) -> int:
     return steps[0]
 
 
+@contextmanager
+def _holding(tmp_path, name: str, held: int, registered: bool, **defines: str):
+    """A P-CSCF whose store already holds `held` phones (`_held`)."""
+    p = Pcscf.start(str(tmp_path / f"ipsec-{name}-{held}.sqlite"), IPSEC_SPI_ID_RANGE="20000",
+                    **defines)
+    try:
+        _held(p, held, registered)
+        yield p
+    finally:
+        p.module.store.close()
+
+
+def _steps_of_a_challenge(tmp_path, held: int, registered: bool) -> int:
+    with _holding(tmp_path, f"challenge-{registered}", held, registered,
+                  PENDING_PER_HOST="100000") as p:
+        host = "10.0.9.9"
+        raw = register(aor="sip:new@ims.example", contact=f"sip:new@{host}:5060",
+                       via=f"{host}:5060", security_client=OFFER.format(s=3001, t=3002))
+        rec = p.request(raw, source=(host, 5060, "udp"))
+        answered = []
+        steps = _steps(p, lambda: answered.append(p.register_reply(
+            rec.relays[0], reply_to(raw, 401, "Unauthorized",
+                                    (f"WWW-Authenticate: {challenge()}",)))))
+        assert answered[0].values("Security-Server"), answered[0].log_text()
+        return steps
+
+
+@pytest.mark.parametrize("registered", [False, True], ids=["unconfirmed", "registered"])
+def test_a_challenge_costs_the_same_with_many_phones_held(tmp_path, registered):
+    """Before: 983 instructions with 20 unconfirmed phones, 42,563 with 2,000 (every
+    unconfirmed contact read at each challenge, through the wrong index)."""
+    few = _steps_of_a_challenge(tmp_path, 20, registered)
+    many = _steps_of_a_challenge(tmp_path, 2000, registered)
+    assert many < 1.5 * few, (few, many)
+
+
+def _steps_of_a_registration(tmp_path, held: int) -> int:
+    with _holding(tmp_path, "registration", held, registered=True) as p:
+        steps = _steps(p, p.registered)  # 401, protected REGISTER through the new SAs, 200 OK
+        assert p.module.store.find_by_aor("sip:alice@ims.example")[0].state == "registered"
+        return steps
+
+
+def test_a_whole_registration_costs_the_same_with_many_phones_registered(tmp_path):
+    few = _steps_of_a_registration(tmp_path, 20)
+    many = _steps_of_a_registration(tmp_path, 2000)
+    assert many < 1.5 * few, (few, many)
+
+
 def _sweep_and_teardown_steps(tmp_path, held: int) -> tuple[int, int, int]:
     """What the sweep asks every second with nothing to do (the expired contacts, the stale
     pending tunnels), and what one de-registration's delete costs."""
-    p = Pcscf.start(str(tmp_path / f"ipsec-sweep-{held}.sqlite"), IPSEC_SPI_ID_RANGE="20000")
-    try:
-        _held(p, held, registered=True)
+    with _holding(tmp_path, "sweep", held, registered=True) as p:
         p.registered()
         store, now = p.module.store, time.time()
         expired = _steps(p, lambda: store.expired(now, 30))
@@ -128,8 +116,6 @@ def _sweep_and_teardown_steps(tmp_path, held: int) -> tuple[int, int, int]:
         (alice,) = store.find_by_aor("sip:alice@ims.example")
         deleted = _steps(p, lambda: store.delete_contacts([alice.id]))
         return expired, stale, deleted
-    finally:
-        p.module.store.close()
 
 
 def test_the_sweep_and_a_teardown_cost_the_same_with_many_phones_registered(tmp_path):
@@ -149,9 +135,7 @@ def test_ipsec_destroy_by_aor_or_contact_uri_reads_only_that_phones_contacts(tmp
     2,000."""
     costs = []
     for held in (20, 2000):
-        p = Pcscf.start(str(tmp_path / f"ipsec-aor-{held}.sqlite"), IPSEC_SPI_ID_RANGE="20000")
-        try:
-            _held(p, held, registered=True)
+        with _holding(tmp_path, "aor", held, registered=True) as p:
             p.registered()
             store = p.module.store
             (alice,) = store.find_by_aor("sip:alice@ims.example")
@@ -160,8 +144,6 @@ def test_ipsec_destroy_by_aor_or_contact_uri_reads_only_that_phones_contacts(tmp
             assert store.find_by_aor("not a uri") == []
             costs.append((_steps(p, lambda: store.find_by_aor("sip:alice@ims.example")),
                           _steps(p, lambda: store.find_by_aor(alice.uri))))
-        finally:
-            p.module.store.close()
     (few, many) = costs
     assert all(m < 1.5 * f + 20 for f, m in zip(few, many)), costs
 
