@@ -16,6 +16,7 @@ sweep served it (a refresh in between: its `seq` moved) stays too.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,8 +24,12 @@ from ipsec import lifetimes, tunnel as kernel
 from ipsec.store import REGISTERED, Contact, Store, Tunnel, UeLocks
 from ipsec.xfrm import PolicyId, SAId, Xfrm, XfrmError
 
-BATCH = 512  # requests one sweep serves (the rest wait for the next second)
+BATCH = 512  # requests read at once
 CHUNK = 64  # contacts whose phones' locks are held at once: a worker waits at most one chunk
+# How long one sweep goes on serving while requests remain (of its 1 s period): a burst of
+# registrations (phones coming back after an outage) must be renewed within the pending
+# lifetime + margin their tunnels were installed with, not at a fixed 512 a second.
+BUDGET = 0.5
 
 @dataclass
 class Outcome:
@@ -34,14 +39,25 @@ class Outcome:
 
 
 def renew_due(store: Store, xfrm: Xfrm, locks: UeLocks, spec_of: Callable[[Tunnel], kernel.Tunnel],
-              grace: float, margin: float, now: float, limit: int = BATCH) -> Outcome:
-    """Serve up to `limit` renewal requests, CHUNK at a time. Raises what the store or the
-    netlink socket raises (the requests not yet served then stay)."""
-    due = store.renewals_due(limit)
+              grace: float, margin: float, now: float, limit: int | None = None,
+              budget: float | None = None,
+              clock: Callable[[], float] = time.monotonic) -> Outcome:
+    """Serve the renewal requests, `limit` read at a time in contact order and CHUNK
+    renewed at a time, each at most once per call, until none is left or `budget` seconds
+    have gone (the first `limit` are always served). Raises what the store or the netlink
+    socket raises (the requests not yet served then stay)."""
+    limit = BATCH if limit is None else limit
     out = Outcome()
-    for i in range(0, len(due), CHUNK):
-        _renew_chunk(store, xfrm, locks, spec_of, grace, margin, now, dict(due[i:i + CHUNK]), out)
-    return out
+    until = clock() + (BUDGET if budget is None else budget)
+    after = 0
+    while True:
+        due = store.renewals_due(limit, after=after)
+        for i in range(0, len(due), CHUNK):
+            _renew_chunk(store, xfrm, locks, spec_of, grace, margin, now,
+                         dict(due[i:i + CHUNK]), out)
+        if len(due) < limit or clock() >= until:
+            return out
+        after = due[-1][0]
 
 
 def _renew_chunk(store: Store, xfrm: Xfrm, locks: UeLocks,

@@ -716,10 +716,12 @@ class Store:
                 " WHERE state = ? AND tunnel_id IS NOT NULL"
                 " ON CONFLICT (contact_id) DO UPDATE SET seq = seq + 1", (REGISTERED,)).rowcount
 
-    def renewals_due(self, limit: int) -> list[tuple[int, int]]:
-        """Up to `limit` requests to renew a contact's kernel lifetime: (contact id, seq)."""
+    def renewals_due(self, limit: int, after: int = 0) -> list[tuple[int, int]]:
+        """Up to `limit` requests to renew a contact's kernel lifetime, of contacts after
+        `after` in id order: (contact id, seq)."""
         return [(r[0], r[1]) for r in self._query(
-            "SELECT contact_id, seq FROM renewals ORDER BY contact_id LIMIT ?", (limit,))]
+            "SELECT contact_id, seq FROM renewals WHERE contact_id > ? ORDER BY contact_id"
+            " LIMIT ?", (after, limit))]
 
     def renewed(self, done: Iterable[tuple[int, int]]) -> None:
         """These requests were served: they go, unless asked again since (`seq` moved)."""

@@ -315,3 +315,24 @@ def test_tunnels_kept_at_start_get_their_registrations_lifetime(pcscf):
     assert len(pcscf.kernel.sas) == 4  # kept
     pcscf.module.sweep()
     assert _hards(pcscf) == ({EXPIRES + GRACE + MARGIN}, {EXPIRES + GRACE + MARGIN})
+
+
+def test_a_burst_of_registrations_is_renewed_in_one_sweep_within_its_budget(tmp_path,
+                                                                           monkeypatch):
+    """More requests than one read (BATCH) are served in the same sweep while its time
+    budget lasts, each once; with no budget left, the first read only, the rest next time."""
+    pcscf = Pcscf.start(str(tmp_path / "ipsec.sqlite"), IPSEC_SPI_ID_RANGE="400")
+    pcscf.clock.now = float(int(pcscf.clock.now))
+    monkeypatch.setattr(renewals, "BATCH", 2)
+    monkeypatch.setattr(renewals, "CHUNK", 1)
+    for n in range(1, 6):
+        pcscf.registered(ue=f"10.0.1.{n}", expires=EXPIRES)
+    store = pcscf.module.store
+    monkeypatch.setattr(renewals, "BUDGET", 0.0)
+    pcscf.module.sweep()
+    assert len(store.renewals_due(10)) == 3  # one read of 2 served
+    monkeypatch.setattr(renewals, "BUDGET", 60.0)
+    pcscf.module.sweep()
+    assert store.renewals_due(10) == []
+    assert _hards(pcscf) == ({EXPIRES + GRACE + MARGIN}, {EXPIRES + GRACE + MARGIN})
+    pcscf.module.store.close()
