@@ -27,7 +27,7 @@ def carries_keys(msg) -> bool:
     return any(_KEYS.search(msg.header(name) or "") for name in CHALLENGES)
 
 
-def stray_reply(msg) -> int:
+def stray_reply(msg, trusted=None) -> int:
     """The reply route: 1 lets the reply go on (TM, or the core's stateless forward); a reply
     that must not leave is dropped (KSR.set_drop) and 0 returned.
 
@@ -43,7 +43,16 @@ def stray_reply(msg) -> int:
         return 1
     challenged = any(msg.header(name) is not None for name in CHALLENGES)
     if method != "REGISTER" and not challenged:
-        return 1
+        if trusted is None or trusted(msg):
+            return 1
+        # Kamailio would forward it along its Via, from the socket it came to: a sender on a
+        # phone's address writing to a protected port could have any response sent to that
+        # phone's protected port from ours, in cleartext (no SA pairs those ports)
+        KSR.info("ims-ipsec: %s to %s from %s matches no transaction and comes neither from"
+                 " the core nor through a phone's SAs: dropped\n"
+                 % (msg.status(), clean(method or "?"), msg.source()))
+        drop()
+        return 0
     KSR.info("ims-ipsec: %s to %s from %s matches no transaction: dropped%s\n"
              % (msg.status(), clean(method or "?"), msg.source(),
                 ", its challenge carries CK/IK" if keys else ""))

@@ -70,6 +70,13 @@ class Routing:
         self._counted(403)
         return 1
 
+    def trusted_reply(self, msg) -> bool:
+        """Does a reply come from where replies may come from: the core, or a phone through
+        its SAs (its answers to requests we sent it)?"""
+        if self.m.is_protected(msg):
+            return self.m.tunnel_contact(msg) is not None
+        return self.core.from_core(msg)
+
     def _cancel(self, msg) -> int:
         """A CANCEL follows its INVITE's transaction, and only from where INVITEs come from:
         through a phone's SAs or from the core. One for no transaction we hold is answered

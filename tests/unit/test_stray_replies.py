@@ -82,3 +82,16 @@ def test_the_401_to_register_keeps_its_keys_for_ipsec_create(app):
                   reg, in_transaction=True)
     app.ksr_reply_route(None)
     assert rec.values("WWW-Authenticate") == [challenge()]
+
+
+def test_a_stray_reply_from_a_stranger_is_dropped_not_forwarded_along_its_via(app):
+    """A sender on a phone's address writes a response to one of our protected ports, its
+    second Via naming the phone's protected client port: forwarded along it, from our port,
+    it went to the phone in cleartext (port_pc -> port_uc: no SA pairs them; seen in
+    test_hostile.py's flood). A reply matching no transaction goes on only from the core or
+    through a phone's SAs."""
+    msg = request("MESSAGE", "sip:bob@ims.example", via=f"{UE}:41410")
+    rec = KSR._load_reply(reply_to(msg, 200, "OK"), msg, source=(UE, 44817, "udp"),
+                          in_transaction=False)
+    assert app.ksr_reply_route(None) == 0 and rec.dropped
+    assert "neither from the core nor through a phone's SAs" in rec.log_text()
