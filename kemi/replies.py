@@ -27,7 +27,7 @@ def carries_keys(msg) -> bool:
     return any(_KEYS.search(msg.header(name) or "") for name in CHALLENGES)
 
 
-def stray_reply(msg, trusted=None) -> int:
+def stray_reply(msg, trusted) -> int:
     """The reply route: 1 lets the reply go on (TM, or the core's stateless forward); a reply
     that must not leave is dropped (KSR.set_drop) and 0 returned.
 
@@ -43,7 +43,7 @@ def stray_reply(msg, trusted=None) -> int:
         return 1
     challenged = any(msg.header(name) is not None for name in CHALLENGES)
     if method != "REGISTER" and not challenged:
-        if trusted is None or trusted(msg):
+        if trusted(msg):  # the core, or a phone through its SAs
             return 1
         # Kamailio would forward it along its Via, from the socket it came to: a sender on a
         # phone's address writing to a protected port could have any response sent to that

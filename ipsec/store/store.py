@@ -504,7 +504,7 @@ class Store:
             return self._promote(db, contact_id, through)
 
     def _promote(self, db: sqlite3.Connection, contact_id: int,
-                 through: int | None = None) -> Tunnel | None:
+                 through: int | None = None, renew: bool = False) -> Tunnel | None:
         row = db.execute(
             f"SELECT p.spi_pc, {_TUNNEL_COLUMNS} FROM contacts c JOIN tunnels p"
             " ON p.id = c.pending_tunnel_id LEFT JOIN tunnels t ON t.id = c.tunnel_id"
@@ -513,7 +513,8 @@ class Store:
             return None
         db.execute("UPDATE contacts SET tunnel_id = pending_tunnel_id,"
                    " pending_tunnel_id = NULL WHERE id = ?", (contact_id,))
-        _ask_renewal(db, contact_id)  # the pending tunnel's lifetime is the pending one
+        if renew:  # the pending tunnel's lifetime is the pending one
+            _ask_renewal(db, contact_id)
         old = row[1:]
         return _tunnel(old) if old[0] is not None and old[0] != row[0] else None
 
@@ -553,7 +554,7 @@ class Store:
         with self._tx() as db:
             contact_id = contact if isinstance(contact, int) else self._binding_id(
                 db, contact.aor, _address(contact.received))
-            retired = self._promote(db, contact_id, through) if (
+            retired = self._promote(db, contact_id, through, renew=True) if (
                 through is not None and contact_id is not None) else None
             row = None if contact_id is None else db.execute(
                 f"{_CONTACT_SELECT} WHERE c.id = ?", (contact_id,)).fetchone()

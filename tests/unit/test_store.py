@@ -603,3 +603,18 @@ def test_renewal_requests_follow_registrations_and_promotions(tmp_path):
     s.register(c.id, time.time() + 900, uri=c.uri, received=c.received, through=None)
     s.delete_contacts([c.id])
     assert s.renewals_due(10) == []  # the request goes with its contact
+
+
+def test_a_promotion_asks_once_and_a_deregistrations_promotion_not_at_all(tmp_path):
+    s = make(tmp_path / "ipsec.db")
+    c = registered_with_tunnel(s)
+    new = tunnel_on(s, s.lease("10.0.0.1"), spi_uc=21, spi_us=22, port_uc=7100, port_us=7200)
+    s.stage_tunnel(c.id, new)
+    s.register(c.id, time.time() + 600, uri=c.uri, received=c.received,
+               through=new.lease.spi_pc)
+    assert s.renewals_due(10) == [(c.id, 1)]  # one request for the 200 OK and its promotion
+    s.renewed([(c.id, 1)])
+    newer = tunnel_on(s, s.lease("10.0.0.1"), spi_uc=31, spi_us=32, port_uc=8100, port_us=8200)
+    s.stage_tunnel(c.id, newer)
+    assert s.promote(c.id, newer.lease.spi_pc) is not None  # a de-registration's (expires=0)
+    assert s.renewals_due(10) == []  # its tunnels go: nothing to renew
