@@ -40,12 +40,13 @@ class Routing:
     # -- requests -------------------------------------------------------------------------
     def request(self, msg) -> int:
         method = msg.method()
-        if method != "ACK" and (not self.m.is_protected(msg)
-                                or self.m.tunnel_contact(msg) is None):
-            # whatever we answer goes back to where the request came from, never to a port
-            # its Via names: a sender on a phone's address could otherwise have our replies
-            # sent in cleartext to that phone's protected ports (through SAs, the reply
-            # path is set by ipsec_forward instead)
+        if method != "ACK":
+            # whatever we answer goes to the source address, never to a port the Via names
+            # (Kamailio takes the Via's port without rport): a sender on a phone's address,
+            # or the phone itself through its SAs, could otherwise have our replies sent in
+            # cleartext from our protected port to a phone's protected port that no SA pairs
+            # with it. Through the SAs, ipsec_forward sets that source (port_us) before TM
+            # fixes the reply path at t_newtran.
             KSR.force_rport()
         if KSR.maxfwd.process_maxfwd(10) < 0:
             KSR.sl.sl_send_reply(483, "Too Many Hops")

@@ -122,16 +122,19 @@ class Reply:
     reason: str
     headers: tuple[tuple[str, str], ...] = ()
     stateful: bool = False
+    to: str | None = None  # "proto:host:port" it is sent to (see _reply_to); None: unknown
 
 
 @dataclass(frozen=True)
 class Transaction:
     """What TM fixed when it created the transaction: the request's copy, and its replies'
-    socket and target (None: back where the request came from, on the socket it arrived on)."""
+    socket and target (None: back where the request came from, on the socket it arrived on),
+    and where they really go (`reply_to`: the target's port only with rport, see _reply_to)."""
 
     request: "_View"
     reply_socket: str | None
     reply_target: str | None
+    reply_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class Relay:
     send_socket: str | None
     reply_socket: str | None
     reply_target: str | None
+    reply_to: str | None
     headers: tuple[tuple[str, str], ...]
     record_route: tuple[tuple[str, str], ...]
     on_reply: str | None
@@ -431,23 +435,46 @@ def _request_only(what: str) -> _View:
     return view
 
 
+# the transport and sent-by port of a Via value's first entry
+_VIA_SENT_BY = re.compile(r"\s*SIP\s*/\s*2\.0\s*/\s*(\w+)\s+(?:\[[^\]]*\]|[^\s;:,]+)(?:\s*:\s*(\d+))?", re.I)
+_RPORT = re.compile(r";\s*rport\b", re.I)
+
+
+def _reply_to() -> str:
+    """Where Kamailio sends the current request's replies, sl and TM alike (reply_to_via=0,
+    update_sock_struct_from_ip): to the source address as the script left it ($si, which
+    set_source_address changes), at the source port only if the top Via has rport or the
+    script called force_rport; otherwise at the port the Via's sent-by names (RFC 3261
+    18.2.2). Over TCP/TLS the reply goes back on the request's connection."""
+    view = _current()
+    host, port, proto = view.source
+    vias = view.msg.bodies("Via")
+    first = vias[0].split(",")[0] if vias else ""
+    m = _VIA_SENT_BY.match(first)
+    if proto == "udp" and m and not (_r().rport_forced or _RPORT.search(first)):
+        port = int(m.group(2)) if m.group(2) else (5061 if m.group(1).lower() == "tls" else 5060)
+    return f"{proto}:{host}:{port}"
+
+
 def _sl_send_reply(code: int, reason: str) -> int:
     _request_only("sl_send_reply")
-    _r().replies.append(Reply(int(code), reason, tuple(_r().reply_headers)))
+    _r().replies.append(Reply(int(code), reason, tuple(_r().reply_headers), to=_reply_to()))
     return 1
 
 
 def _send_reply(code: int, reason: str) -> int:
     """sl's send_reply: through the transaction when the request has one."""
     _request_only("send_reply")
-    stateful = _r().transaction is not None
-    _r().replies.append(Reply(int(code), reason, tuple(_r().reply_headers), stateful))
+    t = _r().transaction
+    _r().replies.append(Reply(int(code), reason, tuple(_r().reply_headers), t is not None,
+                              t.reply_to if t is not None else _reply_to()))
     return 1
 
 
 def _create_transaction() -> Transaction:
     if _r().transaction is None:
-        _r().transaction = Transaction(_current(), _r().reply_socket, _r().reply_target)
+        _r().transaction = Transaction(_current(), _r().reply_socket, _r().reply_target,
+                                       _reply_to())
         _r().in_transaction = True
     return _r().transaction
 
@@ -467,7 +494,8 @@ def _t_newtran() -> int:
 def _sl_reply_error() -> int:
     """Kamailio answers with the code of the last internal error; the double records 500."""
     _request_only("sl_reply_error")
-    _r().replies.append(Reply(500, "Server Internal Error", tuple(_r().reply_headers)))
+    _r().replies.append(Reply(500, "Server Internal Error", tuple(_r().reply_headers),
+                              to=_reply_to()))
     return 1
 
 
@@ -477,7 +505,7 @@ def _t_relay() -> int:
     _r().relays.append(Relay(
         ruri=view.new_ruri or view.msg.ruri, dst_uri=view.dst_uri,
         send_socket=_r().send_socket, reply_socket=t.reply_socket,
-        reply_target=t.reply_target, headers=tuple(_r().headers()),
+        reply_target=t.reply_target, reply_to=t.reply_to, headers=tuple(_r().headers()),
         record_route=tuple(_r().record_route), on_reply=_r().on_reply,
         on_failure=_r().on_failure, request=t.request, avps=tuple(_r().avps.items())))
     return _r().relay_result
@@ -498,7 +526,9 @@ def _t_reply(code: int, reason: str) -> int:
     request route after t_newtran)."""
     if _r().request is None and _r().transaction is None:
         raise RuntimeError("KSR double: t_reply without a transaction")
-    _r().replies.append(Reply(int(code), reason, tuple(_r().reply_headers), True))
+    t = _r().transaction
+    _r().replies.append(Reply(int(code), reason, tuple(_r().reply_headers), True,
+                              t.reply_to if t is not None else None))
     return 1
 
 

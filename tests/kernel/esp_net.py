@@ -194,15 +194,17 @@ class Packet:
 class Capture:
     """tcpdump on the UE's veth, to a file in /var/tmp, for the duration of a with-block."""
 
-    def __init__(self, link: Link, name: str) -> None:
+    def __init__(self, link: Link, name: str, bpf: str = "") -> None:
         self.link = link
         self.path = f"/var/tmp/{name}.pcap"
+        self.bpf = bpf  # a tcpdump filter expression; empty: every packet
         self.packets: list[Packet] = []
 
     def __enter__(self) -> "Capture":
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.link.ue, "tcpdump", "-Z", "root", "-i",
-             self.link.ue_dev, "-n", "-U", "--immediate-mode", "-w", self.path],
+             self.link.ue_dev, "-n", "-U", "--immediate-mode", "-w", self.path,
+             *([self.bpf] if self.bpf else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()
         assert "listening on" in line, line
@@ -222,19 +224,23 @@ class Capture:
 
 
 def _transport(proto: int, data: bytes, off: int) -> tuple[int, int, int]:
-    if proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+    if proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) and off + 4 <= len(data):
         sport, dport = struct.unpack_from("!HH", data, off)
         return sport, dport, 0
-    if proto == 50:
+    if proto == 50 and off + 4 <= len(data):
         return 0, 0, struct.unpack_from("!I", data, off)[0]
     return 0, 0, 0
 
 
 def read_pcap(path: str) -> list[Packet]:
-    """IP packets of an Ethernet pcap file (tcpdump -w)."""
+    """IP packets of an Ethernet pcap file (tcpdump -w). A fragment after the first (a SIP
+    message larger than the link's MTU) carries no transport header: it gets the ports (or
+    SPI) of its datagram's first fragment, by IP id, or 0 if that was not captured; reading
+    its payload bytes as ports would invent packets between ports that never talked."""
     with open(path, "rb") as f:
         data = f.read()
-    out = []
+    out: list[Packet] = []
+    firsts: dict[tuple, tuple[int, int, int]] = {}
     off = 24
     while off + 16 <= len(data):
         incl = struct.unpack_from("=I", data, off + 8)[0]
@@ -245,12 +251,29 @@ def read_pcap(path: str) -> list[Packet]:
             ihl = (pkt[14] & 15) * 4
             proto = pkt[14 + 9]
             src, dst = socket.inet_ntop(socket.AF_INET, pkt[26:30]), socket.inet_ntop(socket.AF_INET, pkt[30:34])
-            out.append(Packet(proto, src, dst, *_transport(proto, pkt, 14 + ihl)))
+            frag = struct.unpack_from("!H", pkt, 20)[0]
+            ident, offset, more = pkt[18:20], frag & 0x1FFF, bool(frag & 0x2000)
+            transport = 14 + ihl
         elif ethertype == 0x86DD:
             proto = pkt[14 + 6]
             src = socket.inet_ntop(socket.AF_INET6, pkt[22:38])
             dst = socket.inet_ntop(socket.AF_INET6, pkt[38:54])
-            out.append(Packet(proto, src, dst, *_transport(proto, pkt, 54)))
+            transport, ident, offset, more = 54, b"", 0, False
+            if proto == 44:  # a fragment header (the only extension header this rig sends)
+                proto = pkt[54]
+                frag = struct.unpack_from("!H", pkt, 56)[0]
+                ident, offset, more = pkt[58:62], frag >> 3, bool(frag & 1)
+                transport = 62
+        else:
+            continue
+        key = (src, dst, proto, ident)
+        if offset:
+            ports = firsts.get(key, (0, 0, 0))
+        else:
+            ports = _transport(proto, pkt, transport)
+            if more:
+                firsts[key] = ports
+        out.append(Packet(proto, src, dst, *ports))
     return out
 
 
