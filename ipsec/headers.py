@@ -105,6 +105,35 @@ def top_via(value: str | None) -> Address:
         raise HeaderError(f"Via: {e}") from None
 
 
+def reply_next_hop(value: str | None) -> Address:
+    """Where Kamailio forwards a reply that matches no transaction (forward_reply): to its
+    second Via (the first is ours), at its `received` address if it has one, at its
+    `rport` value if it has one, else at its sent-by (RFC 3261 18.2.2, RFC 3581)."""
+    entries = _split_commas(_FOLD.sub(" ", value)) if value else []
+    if len(entries) < 2:
+        raise HeaderError("no second Via")
+    m = _VIA.match(entries[1])
+    if not m:
+        raise HeaderError("unreadable second Via")
+    proto = m.group("proto").lower()
+    params = {}
+    for item in entries[1][m.end():].split(";")[1:]:
+        name, _, val = item.partition("=")
+        params[name.strip().lower()] = val.strip()
+    host = params.get("received") or m.group("host")
+    rport = params.get("rport")
+    if rport:
+        port_text = rport
+    else:
+        port_text = m.group("port") or ("5061" if proto == "tls" else "5060")
+    if not is_digits(port_text) or not 0 < int(port_text) < 65536:
+        raise HeaderError(f"second Via: bad port {port_text!r}")
+    try:
+        return Address(normalize_host(host), int(port_text), proto)
+    except SipUriError as e:
+        raise HeaderError(f"second Via: {e}") from None
+
+
 def option_tags(value: str | None) -> list[str]:
     """The option tags of a Require/Proxy-Require/Supported value, as written but for white
     space (a folded value's CRLF never goes back into a header we write)."""

@@ -126,6 +126,11 @@ class Core:
             host = parse_uri(uri).host
         except SipUriError:
             return False
+        return self.is_core_host(host, service_route) or KSR.is_myself(uri) > 0
+
+    def is_core_host(self, host: str, service_route: tuple[str, ...]) -> bool:
+        """Is `host` (normalized) NEXT_HOP's host or one of its addresses, or the host of one
+        of the registration's Service-Route URIs?"""
         if host in self.next_hop_hosts:
             return True
         for route in service_route:
@@ -134,7 +139,7 @@ class Core:
                     return True
             except SipUriError:
                 continue
-        return KSR.is_myself(uri) > 0
+        return False
 
 
 def next_hop_of(msg) -> str:

@@ -108,7 +108,7 @@ class kamailio:
 
     @_guarded(drop_reply)
     def ksr_reply_route(self, msg):
-        return stray_reply(KsrMessage(), self.r.trusted_reply)
+        return stray_reply(KsrMessage(), self.r.stray_reply_path)
 
     @_guarded(_fail_challenge)
     def ksr_register_reply(self, msg):

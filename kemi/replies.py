@@ -8,7 +8,7 @@ needs the transaction's REGISTER) and the phone has retried or given up by then:
 So is any reply to a REGISTER without a transaction (none passes without the module's
 handling) and any challenge (WWW-/Proxy-Authenticate: the S-CSCF may put keys in one in a form
 no pattern foresees). Other stray replies (a 2xx to an INVITE retransmitted after its
-transaction ended) go on as before.
+transaction ended) go on, but only where `stray_path` allows and through the SAs it picks.
 """
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import re
 
 import KSR
 
+from ipsec import headers
 from ipsec.logtext import clean
+from ipsec.module import Refused
+from ipsec.sipuri import hostport
 
 # a ck or ik parameter anywhere in a challenge (a quoted "ck=" counts too: dropping is safe)
 _KEYS = re.compile(r"(?:^|[\s,;])(?:ck|ik)\s*=", re.I)
@@ -27,7 +30,45 @@ def carries_keys(msg) -> bool:
     return any(_KEYS.search(msg.header(name) or "") for name in CHALLENGES)
 
 
-def stray_reply(msg, trusted) -> int:
+def stray_path(msg, module, core) -> str | None:
+    """Where a reply that matches no transaction may go: None when it may, its send socket
+    set; else why not. The core forwards it to its second Via (headers.reply_next_hop), from
+    the socket it came to unless one is set, so without this a phone could aim a response
+    through its own SAs at another phone's protected port (the port pairs are shared: the
+    other phone's SAs would protect it), and a reply from the core (a 2xx retransmitted after
+    its INVITE's transaction ended) would reach the phone's protected port in cleartext.
+
+    - Through a phone's SAs: only to the core (NEXT_HOP's host or addresses, or its
+      registration's Service-Route hosts), from the core socket when there is one.
+    - From the core: only to a phone's protected port, through that phone's SAs (from our
+      port_pc to its port_us, from our port_ps to its port_uc)."""
+    try:
+        to = headers.reply_next_hop(msg.header("Via"))
+    except headers.HeaderError as e:
+        return str(e)
+    contact = module.tunnel_contact(msg)  # None unless from a phone's port through its SAs
+    if contact is not None:
+        if not core.is_core_host(to.host, contact.service_route):
+            return f"it comes from a phone and its next hop {hostport(to.host, to.port)} is not the core"
+        core.send_to_core(f"sip:{hostport(to.host, to.port)};transport={to.proto}")
+        return None
+    # with one socket, a phone's request leaves for the core from the protected port it came
+    # to, so the core's replies come back to that port: the source tells, not the socket
+    if not core.from_core(msg):
+        return "it comes neither from the core nor through a phone's SAs"
+    contact = module.store.find_by_phone_port(to.host, to.port)
+    if contact is None:
+        return f"its next hop {hostport(to.host, to.port)} is no phone's protected port"
+    t = contact.tunnel
+    local = t.lease.port_pc if to.port == t.ue.port_us else t.lease.port_ps
+    try:
+        msg.set_send_socket(f"{to.proto}:{hostport(t.pcscf_host, local)}")
+    except Refused as e:
+        return str(e)
+    return None
+
+
+def stray_reply(msg, path) -> int:
     """The reply route: 1 lets the reply go on (TM, or the core's stateless forward); a reply
     that must not leave is dropped (KSR.set_drop) and 0 returned.
 
@@ -43,14 +84,11 @@ def stray_reply(msg, trusted) -> int:
         return 1
     challenged = any(msg.header(name) is not None for name in CHALLENGES)
     if method != "REGISTER" and not challenged:
-        if trusted(msg):  # the core, or a phone through its SAs
+        why = path(msg)  # stray_path: the core, or a phone through its SAs, and where to
+        if why is None:
             return 1
-        # Kamailio would forward it along its Via, from the socket it came to: a sender on a
-        # phone's address writing to a protected port could have any response sent to that
-        # phone's protected port from ours, in cleartext (no SA pairs those ports)
-        KSR.info("ims-ipsec: %s to %s from %s matches no transaction and comes neither from"
-                 " the core nor through a phone's SAs: dropped\n"
-                 % (msg.status(), clean(method or "?"), msg.source()))
+        KSR.info("ims-ipsec: %s to %s from %s matches no transaction: dropped, %s\n"
+                 % (msg.status(), clean(method or "?"), msg.source(), clean(why)))
         drop()
         return 0
     KSR.info("ims-ipsec: %s to %s from %s matches no transaction: dropped%s\n"

@@ -14,6 +14,7 @@ from ipsec.logtext import clean
 from ipsec.module import Module
 from kemi import identity
 from kemi.core import Core, next_hop_of
+from kemi.replies import stray_path
 
 # Option tags and headers the P-CSCF consumes: the core must not see the phone's sec-agree.
 SEC_AGREE_HEADERS = ("Security-Client", "Security-Verify")
@@ -71,12 +72,9 @@ class Routing:
         self._counted(403)
         return 1
 
-    def trusted_reply(self, msg) -> bool:
-        """Does a reply come from where replies may come from: the core, or a phone through
-        its SAs (its answers to requests we sent it)?"""
-        if self.m.is_protected(msg):
-            return self.m.tunnel_contact(msg) is not None
-        return self.core.from_core(msg)
+    def stray_reply_path(self, msg) -> str | None:
+        """A reply that matches no transaction: see kemi/replies.stray_path."""
+        return stray_path(msg, self.m, self.core)
 
     def _cancel(self, msg) -> int:
         """A CANCEL follows its INVITE's transaction, and only from where INVITEs come from:

@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ipsec.sipuri import (TRANSPORTS, Address, SipUri, SipUriError, alias_target, normalize_host,
                           parse_uri, uri_target)
@@ -842,6 +842,30 @@ class Store:
                                  " ORDER BY c.id DESC LIMIT 1", ids).fetchone()
                 if row is not None:
                     return _contact(row)
+        return None
+
+    def find_by_phone_port(self, host: str, port: int) -> Contact | None:
+        """The contact with a tunnel whose phone side is `host`:`port` (its protected client or
+        server port), `tunnel` set to that tunnel; the one in use wins over a pending one, as
+        in find_by_flow. A reply that matches no transaction may reach a phone only through
+        such SAs."""
+        host = normalize_host(host)
+        with self._read() as db:
+            ids = [row[0] for row in db.execute(
+                "SELECT id FROM tunnels WHERE ue_host = ?1 AND port_uc = ?2"
+                " UNION SELECT id FROM tunnels WHERE ue_host = ?1 AND port_us = ?2",
+                (host, port))]
+            if not ids:
+                return None
+            marks, ids = _in_list(ids)
+            for column in ("tunnel_id", "pending_tunnel_id"):
+                row = db.execute(f"{_CONTACT_SELECT} WHERE c.{column} IN ({marks})"
+                                 " ORDER BY c.id DESC LIMIT 1", ids).fetchone()
+                if row is not None:
+                    contact = _contact(row)
+                    if column == "pending_tunnel_id":
+                        contact = replace(contact, tunnel=contact.pending)
+                    return contact
         return None
 
     def find_by_received(self, received: Address, *,

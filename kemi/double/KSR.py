@@ -369,7 +369,7 @@ def _eval(view: _View, name: str):
         "$pr": lambda: view.source[2],
         "$Ri": lambda: view.local[0],
         "$Rp": lambda: view.local[1],
-        "$fs": lambda: _r().send_socket if req else None,
+        "$fs": lambda: _r().send_socket,  # msg->force_send_socket: a reply may have one too
     }
     if name not in simple:
         raise AttributeError(f"KSR double: pseudo-variable {name} is not implemented")

@@ -17,7 +17,7 @@ from checks import through_esp
 import esp_net
 from esp_net import ADDRS
 from pcscf_net import Kamailio, Phone, _socket, pcscf_policy_count, pcscf_states
-from sip import Msg, hostport, parse, token
+from sip import Msg, hostport, parse, reply, token, via_sent_by
 
 TCP_LIFETIME = 3
 ROOT = Path(__file__).resolve().parents[2]
@@ -272,3 +272,55 @@ def test_a_stranger_cannot_aim_our_replies_at_the_phones_protected_ports(link, s
         assert _raw_seen(phone, 0.3) == []
     finally:
         stranger.close()
+
+
+def test_a_2xx_the_core_sends_again_after_its_transaction_reaches_the_phone_through_its_sas(
+        link, scscf, kamailio):
+    """A 2xx to an INVITE sent again after the P-CSCF's transaction ended (TM keeps it
+    wt_timer, 5 s; the callee's UA retransmits for 32 s until it has the ACK) matches no
+    transaction: Kamailio forwards it along its second Via from the socket it came to. That
+    was 5060: the phone's port_us got it in cleartext. It must come through SA3."""
+    phone = Phone(link, scscf, user="late")
+    phone.full_registration()
+    t = phone.tunnel
+    call_id = token()
+    phone.request("INVITE", "sip:bob@ims.test", call_id=call_id, to="<sip:bob@ims.test>",
+                  route=f"<sip:{hostport(phone.pcscf, t.port_ps)};lr>")
+    phone.wait_reply(200, "INVITE")
+    (invite,) = [m for m in scscf.seen
+                 if m.is_request and m.method == "INVITE" and m.get("Call-ID") == call_id]
+    time.sleep(6)  # past wt_timer: the transaction is gone
+    late = reply(invite, 200, "OK", to_tag="late")
+    with through_esp(phone, "sa3"):
+        scscf._send(late, via_sent_by(invite.get("Via")))
+        _, key, peer = phone.wait(
+            lambda m: not m.is_request and m.get("Call-ID") == call_id and "late" in m.get("To"),
+            "the 200 OK sent again")
+    assert (key, peer[1]) == (t.port_us, t.port_pc)
+
+
+def test_a_phone_cannot_aim_a_response_through_its_sas_at_another_phone(link, scscf, kamailio):
+    """A phone writes a response through its own SAs (port_us -> port_pc) whose second Via
+    names another phone's port_us. Forwarded along it from our port_pc, it reached that
+    phone: through that phone's SA3 when the two share port_pc (the port pairs are shared),
+    written by the first phone as if by the P-CSCF. A phone's reply that matches no
+    transaction goes only to the core."""
+    aimer, target = Phone(link, scscf, user="aimer"), Phone(link, scscf, user="target")
+    aimer.full_registration()
+    target.full_registration()
+    ta, tt = aimer.tunnel, target.tunnel
+    call_id = token()
+    r = Msg("SIP/2.0 200 OK")
+    r.add("Via", f"SIP/2.0/UDP {hostport(aimer.pcscf, ta.port_pc)};branch=z9hG4bK{call_id}")
+    r.add("Via", f"SIP/2.0/UDP {hostport(target.ip, tt.port_us)};rport={tt.port_us};"
+                 f"branch=z9hG4bKx{call_id}")
+    r.add("From", f"<sip:bob@ims.test>;tag=f{call_id}")
+    r.add("To", f"<sip:target@ims.test>;tag=t{call_id}")
+    r.add("Call-ID", call_id)
+    r.add("CSeq", "1 INVITE")
+    with esp_net.Capture(link, "aimed-at-target") as cap:
+        aimer.send(r, ta.port_us, ta.port_pc)  # through its SA4
+        time.sleep(1.0)
+    assert _raw_seen(target, 0.3) == [], "the aimed response reached the other phone"
+    assert not [p for p in cap.cleartext() if p.dport in (tt.port_uc, tt.port_us)]
+    assert "its next hop" in kamailio.log() and "is not the core" in kamailio.log()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 import KSR
-from scenario import CORE, UE, challenge, register, reply_to, request
+from scenario import (CLIENT_PORT, CORE, PCSCF, PORT_UC, PORT_US, SERVER_PORT, UE, challenge,
+                      register, reply_to, request)
 
 
 @pytest.fixture
@@ -49,11 +50,75 @@ def test_a_stray_challenge_of_another_method_with_keys_is_dropped(app, header):
     assert rec.dropped
 
 
-def test_other_stray_replies_go_on(app):
-    """A 2xx to an INVITE retransmitted after its transaction ended must still reach the caller."""
-    inv = request("INVITE", "sip:bob@ims.example", via=f"{UE}:5060")
-    rec = arrives(reply_to(inv, 200, "OK"), inv, in_transaction=False)
+def ours(raw_reply: str, port: int = 5060) -> str:
+    """The reply as the next hop sends it back to us: our Via on top of the request's."""
+    return raw_reply.replace(
+        "\r\nVia: ", f"\r\nVia: SIP/2.0/UDP {PCSCF}:{port};branch=z9hG4bKpcscf\r\nVia: ", 1)
+
+
+@pytest.mark.parametrize(("via", "socket"), [
+    (f"{UE}:{PORT_US};rport={PORT_US}", f"udp:{PCSCF}:{CLIENT_PORT}"),  # SA3: port_pc -> port_us
+    (f"{UE}:{PORT_US}", f"udp:{PCSCF}:{CLIENT_PORT}"),
+    (f"{UE}:{PORT_UC}", f"udp:{PCSCF}:{SERVER_PORT}"),  # SA2: port_ps -> port_uc
+    (f"192.0.2.7:5060;received={UE};rport={PORT_US}", f"udp:{PCSCF}:{CLIENT_PORT}"),
+])
+def test_a_2xx_from_the_core_after_its_transaction_goes_to_the_phone_through_its_sas(
+        app, pcscf, via, socket):
+    """A 2xx to an INVITE retransmitted after its transaction ended must still reach the
+    caller, through its SAs. Before, the core forwarded it from the socket it came to (5060),
+    in cleartext to the phone's protected port."""
+    pcscf.registered()
+    inv = request("INVITE", "sip:bob@ims.example", via=via)
+    rec = arrives(ours(reply_to(inv, 200, "OK")), inv, in_transaction=False)
+    assert app.ksr_reply_route(None) == 1 and not rec.dropped, rec.log_text()
+    assert rec.send_socket == socket
+
+
+def test_a_2xx_from_the_core_to_our_protected_port_goes_to_the_phone_too(app, pcscf):
+    """With one socket, the phone's INVITE left for the core from the protected port it came
+    to (our Via names it), so the core's late 2xx comes back there (seen on real Kamailio)."""
+    pcscf.registered()
+    inv = request("INVITE", "sip:bob@ims.example", via=f"{UE}:{PORT_US};rport={PORT_US}")
+    rec = KSR._load_reply(ours(reply_to(inv, 200, "OK"), SERVER_PORT), inv,
+                          source=(CORE, 5060, "udp"), local=(PCSCF, SERVER_PORT),
+                          in_transaction=False)
+    assert app.ksr_reply_route(None) == 1 and not rec.dropped, rec.log_text()
+    assert rec.send_socket == f"udp:{PCSCF}:{CLIENT_PORT}"
+
+
+@pytest.mark.parametrize("via", [f"{UE}:5060", f"{UE}:{PORT_US}", "10.0.0.77:31001"])
+def test_a_stray_reply_from_the_core_to_no_phones_protected_port_is_dropped(app, pcscf, via):
+    if via != f"{UE}:{PORT_US}":
+        pcscf.registered()  # else: no phone is registered at all
+    inv = request("INVITE", "sip:bob@ims.example", via=via)
+    rec = arrives(ours(reply_to(inv, 200, "OK")), inv, in_transaction=False)
+    assert app.ksr_reply_route(None) == 0 and rec.dropped
+    assert "is no phone's protected port" in rec.log_text()
+
+
+def through_sas(raw_reply: str, request_raw: str):
+    """A reply from the phone's port_us to our port_pc (SA4), matching no transaction."""
+    return KSR._load_reply(raw_reply, request_raw, source=(UE, PORT_US, "udp"),
+                           local=(PCSCF, CLIENT_PORT), in_transaction=False)
+
+
+def test_a_phones_stray_reply_goes_to_the_core(app, pcscf):
+    pcscf.registered()
+    inv = request("INVITE", f"sip:alice@{UE}:5060", via=f"{CORE}:5060")
+    rec = through_sas(ours(reply_to(inv, 200, "OK"), CLIENT_PORT), inv)
     assert app.ksr_reply_route(None) == 1 and not rec.dropped
+
+
+@pytest.mark.parametrize("via", [f"10.0.0.77:{PORT_US}", f"{UE}:{PORT_UC}", f"{PCSCF}:5060"])
+def test_a_phones_stray_reply_aimed_anywhere_but_the_core_is_dropped(app, pcscf, via):
+    """Forwarded along its Via from our port_pc, a phone's response aimed at another phone's
+    port_us would be protected by that phone's SAs (the port pairs are shared): one phone
+    could write into another's protected channel."""
+    pcscf.registered()
+    inv = request("INVITE", f"sip:alice@{UE}:5060", via=via)
+    rec = through_sas(ours(reply_to(inv, 200, "OK"), CLIENT_PORT), inv)
+    assert app.ksr_reply_route(None) == 0 and rec.dropped
+    assert "is not the core" in rec.log_text()
 
 
 def test_replies_of_a_transaction_are_left_to_tm(app):
@@ -91,7 +156,7 @@ def test_a_stray_reply_from_a_stranger_is_dropped_not_forwarded_along_its_via(ap
     test_hostile.py's flood). A reply matching no transaction goes on only from the core or
     through a phone's SAs."""
     msg = request("MESSAGE", "sip:bob@ims.example", via=f"{UE}:41410")
-    rec = KSR._load_reply(reply_to(msg, 200, "OK"), msg, source=(UE, 44817, "udp"),
+    rec = KSR._load_reply(ours(reply_to(msg, 200, "OK")), msg, source=(UE, 44817, "udp"),
                           in_transaction=False)
     assert app.ksr_reply_route(None) == 0 and rec.dropped
     assert "neither from the core nor through a phone's SAs" in rec.log_text()
