@@ -108,7 +108,8 @@ class kamailio:
 
     @_guarded(drop_reply)
     def ksr_reply_route(self, msg):
-        return stray_reply(KsrMessage(), self.r.stray_reply_path)
+        return stray_reply(KsrMessage(), self.r.stray_reply_path,
+                           self.r.reply_sender_refused)
 
     @_guarded(_fail_challenge)
     def ksr_register_reply(self, msg):

@@ -68,7 +68,22 @@ def stray_path(msg, module, core) -> str | None:
     return None
 
 
-def stray_reply(msg, path) -> int:
+def wrong_sender(msg, module, core) -> str | None:
+    """Why a reply of a transaction may not go on, or None. TM matches a reply by its branch
+    alone, whoever sends it. A request to a phone leaves from our protected client port
+    (port_pc, named in our Via) through its SA3, and its replies come back through SA4: one
+    that reaches a client port from anyone else (a stranger who read the request: with
+    ealg=null anyone on the path can) would be taken as the phone's answer. The core may
+    send there too (a phone's request through SA4 is relayed from port_pc)."""
+    local = msg.local()
+    if local.port not in module.params.client_ports or not module.is_protected(msg):
+        return None
+    if module.tunnel_contact(msg) is not None or core.from_core(msg):
+        return None
+    return "it comes to a protected client port, not through a phone's SAs, not from the core"
+
+
+def stray_reply(msg, path, sender) -> int:
     """The reply route: 1 lets the reply go on (TM, or the core's stateless forward); a reply
     that must not leave is dropped (KSR.set_drop) and 0 returned.
 
@@ -79,6 +94,12 @@ def stray_reply(msg, path) -> int:
     method = cseq[1].upper() if len(cseq) > 1 else ""
     keys = carries_keys(msg)
     if KSR.tm.t_check_trans() > 0:
+        why = sender(msg)  # wrong_sender
+        if why is not None:
+            KSR.info("ims-ipsec: %s to %s from %s for a transaction: dropped, %s\n"
+                     % (msg.status(), clean(method or "?"), msg.source(), why))
+            drop()
+            return 0
         if keys:
             _strip_keys(msg, method, keep_www=(method == "REGISTER" and msg.status() == 401))
         return 1

@@ -17,7 +17,7 @@ from checks import through_esp
 import esp_net
 from esp_net import ADDRS
 from pcscf_net import Kamailio, Phone, _socket, pcscf_policy_count, pcscf_states
-from sip import Msg, hostport, parse, reply, token, via_sent_by
+from sip import Msg, hostport, parse, reply, token, uri_of, via_sent_by
 
 TCP_LIFETIME = 3
 ROOT = Path(__file__).resolve().parents[2]
@@ -324,3 +324,33 @@ def test_a_phone_cannot_aim_a_response_through_its_sas_at_another_phone(link, sc
     assert _raw_seen(target, 0.3) == [], "the aimed response reached the other phone"
     assert not [p for p in cap.cleartext() if p.dport in (tt.port_uc, tt.port_us)]
     assert "its next hop" in kamailio.log() and "is not the core" in kamailio.log()
+
+
+def test_a_stranger_cannot_answer_a_call_to_the_phone(link, scscf, kamailio):
+    """An MT INVITE leaves from our port_pc through SA3; its replies come back through SA4.
+    A stranger on the phone's address that knows the request (with ealg=null anyone on the
+    path reads it) answers it in cleartext to our port_pc: TM matches replies by branch,
+    not by sender, so its 486 ended the call at the S-CSCF. Replies that reach a protected
+    client port must come through a phone's SAs (or from the core)."""
+    phone = Phone(link, scscf, user="callee")
+    phone.full_registration()
+    t = phone.tunnel
+    call_id = token()
+    invite = scscf.new_request("INVITE", phone.contact_uri(t.port_us), call_id=call_id,
+                               from_tag=token(), to=f"<sip:{phone.user}@ims.test>", cseq=1,
+                               route=[f"<{uri_of(scscf.paths[phone.aor])}>"])
+    scscf.request(invite)
+    req, key, _ = phone.wait(lambda m: m.is_request and m.method == "INVITE", "INVITE")
+    stranger = _stranger(link, phone)
+    try:
+        stranger.sendto(reply(req, 486, "Busy Here", to_tag="forged").encode(),
+                        (phone.pcscf, t.port_pc))
+        time.sleep(1.0)
+        phone.respond(req, key, 200, "OK", "real")
+        scscf.wait_reply(200, "INVITE")
+    finally:
+        stranger.close()
+    forged = [m for m in scscf.seen
+              if not m.is_request and m.get("Call-ID") == call_id and m.status == 486]
+    assert not forged, "the stranger's 486 reached the S-CSCF"
+    assert "not through a phone's SAs" in kamailio.log()

@@ -160,3 +160,22 @@ def test_a_stray_reply_from_a_stranger_is_dropped_not_forwarded_along_its_via(ap
                           in_transaction=False)
     assert app.ksr_reply_route(None) == 0 and rec.dropped
     assert "neither from the core nor through a phone's SAs" in rec.log_text()
+
+
+@pytest.mark.parametrize(("source", "goes"), [
+    ((UE, PORT_US, "udp"), True),  # the phone, through SA4
+    ((CORE, 5060, "udp"), True),  # the core (a phone's request through SA4, relayed from port_pc)
+    ((UE, 44817, "udp"), False),  # a stranger on the phone's address
+    (("10.0.0.66", PORT_US, "udp"), False),
+])
+def test_a_reply_to_a_request_sent_to_a_phone_must_come_through_its_sas(app, pcscf, source,
+                                                                        goes):
+    """TM matches a reply by its branch, whoever sends it: a stranger that read an MT INVITE
+    (ealg=null) could answer it in cleartext to our port_pc and end the call."""
+    pcscf.registered()
+    inv = request("INVITE", f"sip:alice@{UE}:{PORT_US}", via=f"{CORE}:5060")
+    rec = KSR._load_reply(ours(reply_to(inv, 486, "Busy Here"), CLIENT_PORT), inv,
+                          source=source, local=(PCSCF, CLIENT_PORT), in_transaction=True)
+    assert app.ksr_reply_route(None) == (1 if goes else 0)
+    assert rec.dropped != goes
+    assert ("not through a phone's SAs" in rec.log_text()) != goes
