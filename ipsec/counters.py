@@ -27,6 +27,9 @@ PHONE, CORE, REFUSED, POOL, KERNEL, STORE, INTERNAL = (
 VERIFY_REFUSED = "ipsec_security_verify_refused"
 REPLIES = "ipsec_replies_"  # + status: the P-CSCF's own refusals
 REPLY_CODES = (421, 403, 503)
+# replies the reply route kept from going on (kemi/replies.py): a stray one it may not forward,
+# one carrying keys for no transaction, one of a transaction from the wrong sender
+REPLIES_DROPPED = "ipsec_replies_dropped"
 # Gauges: set by the sweep from the store, every second.
 LEASES_USED = "ipsec_leases_used"  # SPI pairs leased
 LEASES_FREE = "ipsec_leases_free"  # SPI pairs left
@@ -35,7 +38,7 @@ TUNNELS_ACTIVE = "ipsec_tunnels_active"  # tunnels a contact uses (in use or pen
 COUNTERS = (TUNNELS_CREATED, TUNNELS_KEPT, TUNNELS_REKEYED,
             *(REMOVED + c for c in (DEREGISTRATION, EXPIRY, STARTUP, UNCONFIRMED, OPERATOR)),
             *(CREATE_FAILED + c for c in (PHONE, CORE, REFUSED, POOL, KERNEL, STORE, INTERNAL)),
-            VERIFY_REFUSED, *(f"{REPLIES}{code}" for code in REPLY_CODES))
+            VERIFY_REFUSED, *(f"{REPLIES}{code}" for code in REPLY_CODES), REPLIES_DROPPED)
 GAUGES = (LEASES_USED, LEASES_FREE, TUNNELS_ACTIVE)
 
 

@@ -108,8 +108,7 @@ class kamailio:
 
     @_guarded(drop_reply)
     def ksr_reply_route(self, msg):
-        return stray_reply(KsrMessage(), self.r.stray_reply_path,
-                           self.r.reply_sender_refused)
+        return stray_reply(KsrMessage(), self.r)
 
     @_guarded(_fail_challenge)
     def ksr_register_reply(self, msg):

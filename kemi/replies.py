@@ -17,6 +17,7 @@ import re
 import KSR
 
 from ipsec import headers
+from ipsec.counters import REPLIES_DROPPED
 from ipsec.logtext import clean
 from ipsec.module import Refused
 from ipsec.sipuri import hostport
@@ -83,7 +84,7 @@ def wrong_sender(msg, module, core) -> str | None:
     return "it comes to a protected client port, not through a phone's SAs, not from the core"
 
 
-def stray_reply(msg, path, sender) -> int:
+def stray_reply(msg, routing) -> int:
     """The reply route: 1 lets the reply go on (TM, or the core's stateless forward); a reply
     that must not leave is dropped (KSR.set_drop) and 0 returned.
 
@@ -94,28 +95,28 @@ def stray_reply(msg, path, sender) -> int:
     method = cseq[1].upper() if len(cseq) > 1 else ""
     keys = carries_keys(msg)
     if KSR.tm.t_check_trans() > 0:
-        why = sender(msg)  # wrong_sender
+        why = routing.reply_sender_refused(msg)  # wrong_sender
         if why is not None:
             KSR.info("ims-ipsec: %s to %s from %s for a transaction: dropped, %s\n"
                      % (msg.status(), clean(method or "?"), msg.source(), why))
-            drop()
+            drop(routing)
             return 0
         if keys:
             _strip_keys(msg, method, keep_www=(method == "REGISTER" and msg.status() == 401))
         return 1
     challenged = any(msg.header(name) is not None for name in CHALLENGES)
     if method != "REGISTER" and not challenged:
-        why = path(msg)  # stray_path: the core, or a phone through its SAs, and where to
+        why = routing.stray_reply_path(msg)  # stray_path: where it may go, if anywhere
         if why is None:
             return 1
         KSR.info("ims-ipsec: %s to %s from %s matches no transaction: dropped, %s\n"
                  % (msg.status(), clean(method or "?"), msg.source(), clean(why)))
-        drop()
+        drop(routing)
         return 0
     KSR.info("ims-ipsec: %s to %s from %s matches no transaction: dropped%s\n"
              % (msg.status(), clean(method or "?"), msg.source(),
                 ", its challenge carries CK/IK" if keys else ""))
-    drop()
+    drop(routing)
     return 0
 
 
@@ -129,5 +130,9 @@ def _strip_keys(msg, method: str, keep_www: bool) -> None:
                      % (msg.status(), clean(method or "?"), msg.source(), name))
 
 
-def drop() -> None:
+def drop(routing=None) -> None:
+    """`routing`: the reply route's Routing, whose module counts the drop (None: a reply
+    route that failed, see kemi/pcscf.py)."""
+    if routing is not None:
+        routing.m.counters.count(REPLIES_DROPPED)
     KSR.set_drop()  # core KEMI: DROP_R_F, the reply is not forwarded (5.6: no KSR.x.drop in Python)

@@ -7,6 +7,7 @@ import re
 import select
 import socket
 import sqlite3
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -341,6 +342,7 @@ def test_a_stranger_cannot_answer_a_call_to_the_phone(link, scscf, kamailio):
                                route=[f"<{uri_of(scscf.paths[phone.aor])}>"])
     scscf.request(invite)
     req, key, _ = phone.wait(lambda m: m.is_request and m.method == "INVITE", "INVITE")
+    dropped = _dropped(kamailio)
     stranger = _stranger(link, phone)
     try:
         stranger.sendto(reply(req, 486, "Busy Here", to_tag="forged").encode(),
@@ -354,3 +356,14 @@ def test_a_stranger_cannot_answer_a_call_to_the_phone(link, scscf, kamailio):
               if not m.is_request and m.get("Call-ID") == call_id and m.status == 486]
     assert not forged, "the stranger's 486 reached the S-CSCF"
     assert "not through a phone's SAs" in kamailio.log()
+    assert _dropped(kamailio) == dropped + 1  # the operator's counter
+
+
+def _dropped(k) -> int:
+    """`ipsec_replies_dropped`, read with kamcmd over Kamailio's ctl socket."""
+    out = subprocess.run(["ip", "netns", "exec", k.link.pc, "kamcmd", "-s",
+                          f"unix:{k.run_dir}/kamailio_ctl", "stats.get_statistics", "script:"],
+                         check=True, capture_output=True, text=True, timeout=10).stdout
+    found = re.search(r"script:ipsec_replies_dropped = (\d+)", out)
+    assert found, out
+    return int(found[1])

@@ -228,3 +228,28 @@ def test_tunnels_an_operator_drops_with_the_cli_are_counted_at_the_next_sweep(co
     assert events()[stat.REMOVED + stat.OPERATOR] == 1
     assert counted.module.sweep() == 1  # counted once
     assert events()[stat.REMOVED + stat.OPERATOR] == 1
+
+
+def test_replies_the_reply_route_drops_are_counted_and_those_it_lets_go_are_not(counted):
+    """A stray reply it may not forward, one with keys for no transaction, and one of a
+    transaction from a stranger at a protected client port: 3 drops; a reply of a
+    transaction from the core: none."""
+    import kemi.pcscf
+    from scenario import CLIENT_PORT, CORE
+    app = kemi.pcscf.kamailio(counted.routing)
+    counted.registered()
+    before = events()
+    reg = register()
+    inv = register().replace("REGISTER", "INVITE")
+    arrivals = [
+        (reply_to(reg, 401, "Unauthorized", (f"WWW-Authenticate: {challenge()}",)), reg,
+         (CORE, 5060, "udp"), (PCSCF, 5060), False),
+        (reply_to(inv, 200, "OK"), inv, (UE, 44817, "udp"), (PCSCF, 5060), False),
+        (reply_to(inv, 486, "Busy Here"), inv, (UE, 44817, "udp"), (PCSCF, CLIENT_PORT), True),
+        (reply_to(inv, 180, "Ringing"), inv, (CORE, 5060, "udp"), (PCSCF, 5060), True),
+    ]
+    for raw, req, source, local, in_transaction in arrivals:
+        KSR._load_reply(raw, req, source=source, local=local, in_transaction=in_transaction)
+        app.ksr_reply_route(None)
+    after = events()
+    assert after.get(stat.REPLIES_DROPPED, 0) - before.get(stat.REPLIES_DROPPED, 0) == 3
