@@ -834,15 +834,8 @@ class Store:
                 "SELECT id FROM tunnels WHERE ue_host = ?1 AND port_uc = ?2 AND port_ps = ?3"
                 " UNION ALL SELECT id FROM tunnels WHERE ue_host = ?1 AND port_us = ?2"
                 " AND port_pc = ?3", (host, port, local_port))]
-            if not ids:
-                return None
-            marks, ids = _in_list(ids)
-            for column in ("tunnel_id", "pending_tunnel_id"):
-                row = db.execute(f"{_CONTACT_SELECT} WHERE c.{column} IN ({marks})"
-                                 " ORDER BY c.id DESC LIMIT 1", ids).fetchone()
-                if row is not None:
-                    return _contact(row)
-        return None
+            found = _newest_user(db, ids)
+        return found[0] if found else None
 
     def find_by_phone_port(self, host: str, port: int) -> Contact | None:
         """The contact with a tunnel whose phone side is `host`:`port` (its protected client or
@@ -855,18 +848,11 @@ class Store:
                 "SELECT id FROM tunnels WHERE ue_host = ?1 AND port_uc = ?2"
                 " UNION SELECT id FROM tunnels WHERE ue_host = ?1 AND port_us = ?2",
                 (host, port))]
-            if not ids:
-                return None
-            marks, ids = _in_list(ids)
-            for column in ("tunnel_id", "pending_tunnel_id"):
-                row = db.execute(f"{_CONTACT_SELECT} WHERE c.{column} IN ({marks})"
-                                 " ORDER BY c.id DESC LIMIT 1", ids).fetchone()
-                if row is not None:
-                    contact = _contact(row)
-                    if column == "pending_tunnel_id":
-                        contact = replace(contact, tunnel=contact.pending)
-                    return contact
-        return None
+            found = _newest_user(db, ids)
+        if found is None:
+            return None
+        contact, pending = found
+        return replace(contact, tunnel=contact.pending) if pending else contact
 
     def find_by_received(self, received: Address, *,
                          newest_first: bool = True) -> Contact | None:
@@ -1076,6 +1062,20 @@ def _address(addr: Address) -> Address:
 def _lines(uris: tuple[str, ...] | None) -> str | None:
     """URIs one per line (a URI read from a header holds no line break)."""
     return None if uris is None else "\n".join(u for u in uris if "\n" not in u)
+
+
+def _newest_user(db: sqlite3.Connection, tunnel_ids: list[int]) -> tuple[Contact, bool] | None:
+    """The newest contact using one of these tunnels, and whether as its pending one: a
+    tunnel in use wins over a pending one, whatever their age (see Store.find_by_flow)."""
+    if not tunnel_ids:
+        return None
+    marks, ids = _in_list(tunnel_ids)
+    for column in ("tunnel_id", "pending_tunnel_id"):
+        row = db.execute(f"{_CONTACT_SELECT} WHERE c.{column} IN ({marks})"
+                         " ORDER BY c.id DESC LIMIT 1", ids).fetchone()
+        if row is not None:
+            return _contact(row), column == "pending_tunnel_id"
+    return None
 
 
 def _contact(row: tuple) -> Contact:

@@ -111,3 +111,22 @@ def test_a_rekey_is_not_blocked_by_a_pending_tunnel_on_the_phones_ports(pcscf):
         f"WWW-Authenticate: {challenge()}",)))
     assert rec.values("Security-Server"), rec.log_text()
     assert [c.aor for c in pcscf.module.store.contacts_matching(host=UE)] == [AOR]
+
+
+def test_a_pending_tunnel_on_the_victims_ports_does_not_take_its_stray_replies(pcscf):
+    """A 2xx from the core for no transaction goes to the phone's port through the SAs
+    Store.find_by_phone_port picks: the victim's in use, not a spoofer's staged ones on the
+    same phone ports (kemi/replies.stray_path)."""
+    server = pcscf.registered()
+    shadow = spoofed(pcscf, source=(UE, 5070), aor=MALLORY, contact=f"sip:mallory@{UE}:5070")
+    c = pcscf.module.store.find_by_phone_port(UE, PORT_US)
+    assert c.aor == AOR and c.tunnel.lease.port_pc == int(server_param(server, "port-c"))
+    assert server_param(shadow, "port-c") != server_param(server, "port-c")
+
+
+def test_with_only_a_pending_tunnel_it_is_the_one_stray_replies_take(pcscf):
+    shadow = spoofed(pcscf, source=(UE, 5070), aor=MALLORY, contact=f"sip:mallory@{UE}:5070")
+    c = pcscf.module.store.find_by_phone_port(UE, PORT_UC)
+    assert c.aor == MALLORY and c.tunnel is c.pending
+    assert c.tunnel.lease.port_ps == int(server_param(shadow, "port-s"))
+    assert pcscf.module.store.find_by_phone_port(UE, 5070) is None
