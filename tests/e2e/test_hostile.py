@@ -367,3 +367,24 @@ def _dropped(k) -> int:
     found = re.search(r"script:ipsec_replies_dropped = (\d+)", out)
     assert found, out
     return int(found[1])
+
+
+def test_the_phones_2xx_sent_again_after_its_transaction_reaches_the_core(link, scscf, kamailio):
+    """The other direction of a late 2xx: the callee (the phone) sends its 200 OK again after
+    the MT INVITE's transaction ended (it has no ACK yet): through its SA4, to the core."""
+    phone = Phone(link, scscf, user="slowack")
+    phone.full_registration()
+    t = phone.tunnel
+    call_id = token()
+    invite = scscf.new_request("INVITE", phone.contact_uri(t.port_us), call_id=call_id,
+                               from_tag=token(), to=f"<sip:{phone.user}@ims.test>", cseq=1,
+                               route=[f"<{uri_of(scscf.paths[phone.aor])}>"])
+    scscf.request(invite)
+    req, key, _ = phone.wait(lambda m: m.is_request and m.method == "INVITE", "INVITE")
+    phone.respond(req, key, 200, "OK", "callee")
+    scscf.wait_reply(200, "INVITE")
+    time.sleep(6)  # past wt_timer: the transaction is gone
+    with through_esp(phone, "sa4"):
+        phone.respond(req, key, 200, "OK", "callee")
+        again = scscf.wait_reply(200, "INVITE")
+    assert again.get("Call-ID") == call_id
