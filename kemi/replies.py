@@ -71,17 +71,27 @@ def stray_path(msg, module, core) -> str | None:
 
 def wrong_sender(msg, module, core) -> str | None:
     """Why a reply of a transaction may not go on, or None. TM matches a reply by its branch
-    alone, whoever sends it. A request to a phone leaves from our protected client port
-    (port_pc, named in our Via) through its SA3, and its replies come back through SA4: one
-    that reaches a client port from anyone else (a stranger who read the request: with
-    ealg=null anyone on the path can) would be taken as the phone's answer. The core may
-    send there too (a phone's request through SA4 is relayed from port_pc)."""
-    local = msg.local()
-    if local.port not in module.params.client_ports or not module.is_protected(msg):
+    alone, whoever sends it. A reply that reaches a protected port must come through a
+    phone's SAs or from the core:
+    - a request to a phone leaves from our protected client port (port_pc, named in our Via)
+      through its SA3, and its replies come back through SA4: one that reaches a client port
+      from anyone else (a stranger who read the request: with ealg=null anyone on the path
+      can) would be taken as the phone's answer;
+    - with one socket, a phone's request is relayed to the core from the server port it came
+      to, and the core's replies come back there: from NEXT_HOP's addresses, or from a
+      Service-Route host this cannot list (an in-dialog request's next hop), so on a server
+      port only a sender on a phone's address is refused (a phone or a stranger beside it).
+    The core may reply at a client port too (a phone's request through SA4 is relayed from
+    port_pc)."""
+    if not module.is_protected(msg):
         return None
     if module.tunnel_contact(msg) is not None or core.from_core(msg):
         return None
-    return "it comes to a protected client port, not through a phone's SAs, not from the core"
+    if msg.local().port in module.params.client_ports:
+        return "it comes to a protected client port, not through a phone's SAs, not from the core"
+    if module.store.is_phone_host(msg.source().host):
+        return "it comes to a protected server port from a phone's address, not through its SAs"
+    return None
 
 
 def stray_reply(msg, routing) -> int:

@@ -837,6 +837,12 @@ class Store:
             found = _newest_user(db, ids)
         return found[0] if found else None
 
+    def is_phone_host(self, host: str) -> bool:
+        """Does any tunnel (in use or staged) have its phone side at `host`?"""
+        row = self._query("SELECT 1 FROM tunnels WHERE ue_host = ? LIMIT 1",
+                          (normalize_host(host),))
+        return bool(row)
+
     def find_by_phone_port(self, host: str, port: int) -> Contact | None:
         """The contact with a tunnel whose phone side is `host`:`port` (its protected client or
         server port), `tunnel` set to that tunnel; the one in use wins over a pending one, as

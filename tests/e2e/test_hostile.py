@@ -388,3 +388,44 @@ def test_the_phones_2xx_sent_again_after_its_transaction_reaches_the_core(link, 
         phone.respond(req, key, 200, "OK", "callee")
         again = scscf.wait_reply(200, "INVITE")
     assert again.get("Call-ID") == call_id
+
+
+def test_a_stranger_cannot_answer_the_phones_request_at_our_server_port(link, scscf, kamailio):
+    """With one socket, the phone's request leaves for the core from our port_ps (our Via
+    names it) and the core's replies come back there. A stranger on the phone's address that
+    knows the relayed request answers it there in cleartext: TM took its 486 as the core's
+    and sent it to the phone through SA3."""
+    d = kamailio.defines
+    first = int(d.get("IPSEC_CLIENT_PORT", "5062"))
+    client_ports = range(first, first + int(d.get("IPSEC_MAX_CONNECTIONS", "2")))
+    # the C module's default ports overlap (5063 is pair 0's server and pair 1's client port,
+    # a protected client port, refused by the rule above): a phone on a server port only
+    for n in range(4):
+        phone = Phone(link, scscf, user=f"asker{n}")
+        phone.full_registration()
+        if phone.tunnel.port_ps not in client_ports:
+            break
+    t = phone.tunnel
+    assert t.port_ps not in client_ports, "no phone got a pair whose server port is only that"
+    call_id = token()
+    # the stub has no handler for SUBSCRIBE: it records the relayed request, answers nothing
+    phone.request("SUBSCRIBE", "sip:bob@ims.test", call_id=call_id, to="<sip:bob@ims.test>")
+    deadline = time.monotonic() + 5
+    while not (relayed := [m for m in scscf.seen if m.is_request and m.method == "SUBSCRIBE"
+                           and m.get("Call-ID") == call_id]):
+        assert time.monotonic() < deadline, "the SUBSCRIBE never reached the core"
+        time.sleep(0.05)
+    top = relayed[0].all("Via")[0]
+    assert f":{t.port_ps};" in top, top  # one socket: relayed from the port it came to
+    dropped = _dropped(kamailio)
+    stranger = _stranger(link, phone)
+    try:
+        stranger.sendto(reply(relayed[0], 486, "Busy Here", to_tag="forged").encode(),
+                        (phone.pcscf, t.port_ps))
+        time.sleep(1.0)
+    finally:
+        stranger.close()
+    got = [m for m in _raw_seen(phone, 0.5) if b"forged" in m]
+    assert not got, "the stranger's 486 reached the phone"
+    assert "from a phone's address, not through its SAs" in kamailio.log()
+    assert _dropped(kamailio) == dropped + 1

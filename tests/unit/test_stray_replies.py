@@ -179,3 +179,22 @@ def test_a_reply_to_a_request_sent_to_a_phone_must_come_through_its_sas(app, pcs
     assert app.ksr_reply_route(None) == (1 if goes else 0)
     assert rec.dropped != goes
     assert ("not through a phone's SAs" in rec.log_text()) != goes
+
+
+@pytest.mark.parametrize(("source", "goes"), [
+    ((UE, PORT_UC, "udp"), True),  # the phone, through SA1 (a TCP-style reply path)
+    ((CORE, 5060, "udp"), True),  # the core: NEXT_HOP
+    (("10.0.0.50", 5060, "udp"), True),  # another core node (a Service-Route host)
+    ((UE, 44817, "udp"), False),  # a stranger on a phone's address
+])
+def test_a_reply_at_a_protected_server_port_from_a_phones_address_must_come_through_its_sas(
+        app, pcscf, source, goes):
+    """With one socket a phone's INVITE leaves for the core from our port_ps, and the core's
+    replies come back there; a sender on a phone's address is refused there too."""
+    pcscf.registered()
+    inv = request("INVITE", "sip:bob@ims.example", via=f"{UE}:{PORT_US};rport={PORT_US}")
+    rec = KSR._load_reply(ours(reply_to(inv, 486, "Busy Here"), SERVER_PORT), inv,
+                          source=source, local=(PCSCF, SERVER_PORT), in_transaction=True)
+    assert app.ksr_reply_route(None) == (1 if goes else 0)
+    assert rec.dropped != goes
+    assert ("from a phone's address, not through its SAs" in rec.log_text()) != goes
