@@ -58,6 +58,16 @@ class Routing:
         if method == "CANCEL":
             return self._cancel(msg)
         if method == "ACK" and KSR.tm.t_check_trans() > 0:
+            # TM says yes for an ACK only when it matches an INVITE as an end-to-end ACK (a
+            # 2xx's: with e2e-ACK callbacks, e.g. an operator's config loading the dialog
+            # module; an ACK to a negative reply is absorbed inside t_check_trans). Relayed,
+            # it skips every check below: only from where INVITEs come from (else a stranger
+            # could send it to the phone through its SAs, or to the core in the phone's name;
+            # an ACK for a 2xx may carry the session's answer)
+            if not self._where_invites_come_from(msg):
+                KSR.info("ims-ipsec: ACK from %s dropped: not through known SAs and not from"
+                         " the core\n" % msg.source())
+                return 1
             KSR.tm.t_relay()  # follows its transaction (INVITE's destination and socket)
             return 1
         if self.m.is_protected(msg):
@@ -84,8 +94,7 @@ class Routing:
         """A CANCEL follows its INVITE's transaction, and only from where INVITEs come from:
         through a phone's SAs or from the core. One for no transaction we hold is answered
         481 here, never relayed (before: relayed statelessly, from our trusted address)."""
-        if (self.m.tunnel_contact(msg) is None if self.m.is_protected(msg)
-                else not self.core.from_core(msg)):
+        if not self._where_invites_come_from(msg):
             KSR.info("ims-ipsec: CANCEL from %s refused: not through known SAs and not from"
                      " the core\n" % msg.source())
             KSR.sl.sl_send_reply(403, "Forbidden")
@@ -96,6 +105,12 @@ class Routing:
             return 1
         KSR.tm.t_relay()  # follows its transaction (INVITE's destination and socket)
         return 1
+
+    def _where_invites_come_from(self, msg) -> bool:
+        """Through a phone's known SAs, or (unprotected) from the core."""
+        if self.m.is_protected(msg):
+            return self.m.tunnel_contact(msg) is not None
+        return self.core.from_core(msg)
 
     def _new_transaction(self, msg) -> bool:
         """Create the transaction before any slow work, so a retransmission that reaches

@@ -429,3 +429,41 @@ def test_a_stranger_cannot_answer_the_phones_request_at_our_server_port(link, sc
     assert not got, "the stranger's 486 reached the phone"
     assert "from a phone's address, not through its SAs" in kamailio.log()
     assert _dropped(kamailio) == dropped + 1
+
+
+def test_a_strangers_ack_never_reaches_the_phone(link, scscf, kamailio):
+    """A stranger that knows the dialog (with ealg=null anyone on the path does) sends the ACK
+    for the phone's 200 OK to 5060, with a body of its own (an ACK for a 2xx may carry the
+    session's answer): it must not reach the phone; the core's own ACK does. (With this
+    kamailio.cfg TM does not match end-to-end ACKs, so this passed before the ACK rule in
+    Routing.request too: it guards the path, the unit tests cover the rule.)"""
+    phone = Phone(link, scscf, user="acked")
+    phone.full_registration()
+    t = phone.tunnel
+    call_id, ftag = token(), token()
+    invite = scscf.new_request("INVITE", phone.contact_uri(t.port_us), call_id=call_id,
+                               from_tag=ftag, to=f"<sip:{phone.user}@ims.test>", cseq=1,
+                               route=[f"<{uri_of(scscf.paths[phone.aor])}>"])
+    scscf.request(invite)
+    req, key, _ = phone.wait(lambda m: m.is_request and m.method == "INVITE", "INVITE")
+    phone.respond(req, key, 200, "OK", "acked")
+    r200 = scscf.wait_reply(200, "INVITE")
+    ack = scscf.new_request("ACK", uri_of(r200.get("Contact")), call_id=call_id, from_tag=ftag,
+                            to=r200.get("To"), cseq=1,
+                            route=list(reversed(r200.all("Record-Route"))))
+    stranger = _stranger(link, phone)
+    try:
+        port = stranger.getsockname()[1]
+        ack.headers[0] = ("Via", f"SIP/2.0/UDP {hostport(phone.ip, port)};branch=z9hG4bK{token()}")
+        ack.body = "v=0\r\no=forged 1 1 IN IP4 6.6.6.6\r\n"
+        stranger.sendto(ack.encode(), (phone.pcscf, 5060))
+        time.sleep(1.0)
+    finally:
+        stranger.close()
+    assert not [m for m in _raw_seen(phone, 0.5) if b"forged" in m], "the ACK reached the phone"
+    # the core's own ACK still goes through
+    ack.headers[0] = ("Via", f"SIP/2.0/UDP {scscf.addr}:6060;branch=z9hG4bK{token()}")
+    ack.body = ""
+    scscf.request(ack)
+    phone.wait(lambda m: m.is_request and m.method == "ACK" and m.get("Call-ID") == call_id,
+               "the core's ACK")

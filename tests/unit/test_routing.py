@@ -301,6 +301,27 @@ def test_a_cancel_from_neither_a_phones_sas_nor_the_core_gets_403(pcscf, source,
     assert [r.code for r in rec.replies] == [403] and rec.relays == []
 
 
+@pytest.mark.parametrize("source,local,relayed", [
+    ((CORE, 5060, "udp"), (PCSCF, 5060), True),  # the core's ACK to an MT INVITE
+    ((UE, PORT_UC, "udp"), (PCSCF, 5200), True),  # the phone's, through SA1
+    (("10.0.0.66", 5060, "udp"), (PCSCF, 5060), False),
+    ((UE, 5060, "udp"), (PCSCF, 5060), False),  # the phone's address, not through its SAs
+    ((UE, 41999, "udp"), (PCSCF, 5200), False),
+])
+def test_an_ack_of_a_transaction_comes_only_from_where_invites_come_from(pcscf, source, local,
+                                                                          relayed):
+    """t_check_trans says yes for an end-to-end ACK when e2e-ACK callbacks exist (an operator
+    loading the dialog module); relayed, it skipped every other check: a stranger's ACK
+    matching an MT INVITE went to the phone through its SAs, one matching a phone's INVITE
+    to the core in the phone's name. An ACK gets no reply either way. (Our kamailio.cfg has
+    no such callbacks: tests/e2e/test_hostile.py's stranger ACK takes the refusal path.)"""
+    pcscf.registered()
+    rec = pcscf.request(request("ACK", f"sip:alice@{UE}:5060", via=f"{source[0]}:5060"),
+                        source=source, local=local, in_transaction=True)
+    assert (len(rec.relays) == 1) == relayed and rec.replies == []
+    assert ("ACK from" in rec.log_text() and "dropped" in rec.log_text()) != relayed
+
+
 def test_relay_failure_answers_with_an_error(pcscf):
     KSR._load_request(register())
     KSR._rec.relay_result = -1
