@@ -146,6 +146,14 @@ class Routing:
         so the reply path is set (ipsec_forward) before it; refusals before it are stateless."""
         contact = self.m.tunnel_contact(msg)
         if contact is None:
+            if method not in ("ACK", "CANCEL") and KSR.tm.t_check_trans() == 0:
+                # a late copy of a request whose SAs have gone since (a re-key's first
+                # REGISTER, through the old SAs, retransmitted after the new ones took over):
+                # TM has answered it again, as for any retransmission
+                KSR.info("ims-ipsec: %s from %s on a protected port: a copy of a request"
+                         " through no known SAs; answered by its transaction\n"
+                         % (clean(method), msg.source()))
+                return 1
             KSR.err("ims-ipsec: %s from %s on a protected port: unknown tunnel\n"
                     % (clean(method), msg.source()))
             KSR.sl.sl_send_reply(403, "Forbidden - No Tunnel")

@@ -541,6 +541,13 @@ def _pv_seti(name: str, value: int) -> int:
 
 
 def _t_check_trans() -> int:
+    """1: a CANCEL's or ACK's INVITE transaction exists (`in_transaction`); 0: a retransmission
+    of any other request whose transaction exists (TM resent its last reply, the script
+    stops); -1: none."""
+    view = _current()
+    if (_r().retransmission and view.msg.is_request
+            and view.msg.method.upper() not in ("ACK", "CANCEL")):
+        return 0
     return 1 if _r().in_transaction else -1
 
 

@@ -467,3 +467,29 @@ def test_a_strangers_ack_never_reaches_the_phone(link, scscf, kamailio):
     scscf.request(ack)
     phone.wait(lambda m: m.is_request and m.method == "ACK" and m.get("Call-ID") == call_id,
                "the core's ACK")
+
+
+def test_a_copy_of_the_phones_request_through_no_known_sas_meets_its_transaction(
+        link, scscf, kamailio):
+    """A copy of a request whose transaction exists, arriving on a protected port through no
+    SAs we know (a re-key's first REGISTER retransmitted after its old SAs went, or anyone
+    replaying it): TM answers it again along the transaction's reply path (t_check_trans),
+    instead of our 403 and an ERROR line (seen in make soak)."""
+    phone = Phone(link, scscf, user="copied")
+    phone.full_registration()
+    t = phone.tunnel
+    call_id = token()
+    sent = phone.request("MESSAGE", "sip:bob@ims.test", call_id=call_id, to="<sip:bob@ims.test>")
+    phone.wait_reply(200, "MESSAGE")
+    stranger = _stranger(link, phone)
+    try:
+        with through_esp(phone, "sa3", strangers=True):
+            stranger.sendto(sent.encode(), (phone.pcscf, t.port_ps))
+            again, _, peer = phone.wait(
+                lambda m: not m.is_request and m.status == 200 and m.get("Call-ID") == call_id,
+                "the 200 OK again")
+        assert select.select([stranger], [], [], 0.5)[0] == [], "the copy's sender got an answer"
+    finally:
+        stranger.close()
+    assert peer[1] == t.port_pc
+    assert "a copy of a request through no known SAs" in kamailio.log()

@@ -505,3 +505,16 @@ def test_requests_through_the_sas_are_answered_where_ipsec_forward_says_whatever
                              "port-c=3;port-s=4",))
     rec = pcscf.request(refused, source=(UE, PORT_UC, "udp"), local=(PCSCF, 5200))
     assert [(r.code, r.to) for r in rec.replies] == [(403, f"udp:{UE}:{PORT_US}")]
+
+
+def test_a_late_copy_through_sas_now_gone_is_answered_by_its_transaction_not_403(pcscf):
+    """Seen in make soak: a re-key's first REGISTER (through the old SAs) retransmitted after
+    the new SAs took over met no tunnel, got a 403 and an ERROR line. Its transaction still
+    exists: TM answers it again (t_check_trans), logged as INFO."""
+    raw = register(via=f"{UE}:{PORT_UC}")
+    rec = pcscf.request(raw, source=(UE, PORT_UC, "udp"), local=(PCSCF, 5200),
+                        retransmission=True)
+    assert rec.replies == [] and rec.relays == []
+    assert rec.logs["err"] == [] and "a copy of a request through no known SAs" in rec.log_text()
+    rec = pcscf.request(raw, source=(UE, PORT_UC, "udp"), local=(PCSCF, 5200))
+    assert [r.code for r in rec.replies] == [403] and "unknown tunnel" in rec.log_text()
