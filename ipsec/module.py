@@ -769,6 +769,12 @@ class Module:
         """In a worker, before its first message: open its store connection, netlink socket
         and lock descriptor now rather than while a phone waits."""
         self.store.keys_digest(b"", b"")
+        # the look-ups every protected request and every phone's reply make, once: their
+        # statements prepared and their code's pages this process's own, before a phone
+        # waits (make load: each protected-client-port worker's first MT reply came after
+        # its phone's retransmission)
+        self.store.is_tunnel_flow("0.0.0.0", 0, 0)
+        self.store.find_by_flow("0.0.0.0", 0, 0)
         self.xfrm.open()
         self.locks.open()
 

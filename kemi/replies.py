@@ -87,7 +87,8 @@ def wrong_sender(msg, module, core) -> str | None:
         return None
     # the core first: no store look-up for the common case (the core's replies to what a
     # phone sent, which with one socket all come to a protected port)
-    if core.from_core(msg) or module.tunnel_contact(msg) is not None:
+    src = msg.source()
+    if core.from_core(msg) or module.store.is_tunnel_flow(src.host, src.port, msg.local().port):
         return None
     if msg.local().port in module.params.client_ports:
         return "it comes to a protected client port, not through a phone's SAs, not from the core"

@@ -837,6 +837,16 @@ class Store:
             found = _newest_user(db, ids)
         return found[0] if found else None
 
+    def is_tunnel_flow(self, host: str, port: int, local_port: int) -> bool:
+        """Is there a tunnel whose SAs carry packets from the phone's `port` on `host` to our
+        `local_port` (port_uc -> port_ps, or port_us -> port_pc)? One statement, no contact:
+        the kernel's policy for that flow exists exactly when the tunnel does (the state
+        invariant), and it lets nothing in on that flow but ESP."""
+        return bool(self._query(
+            "SELECT 1 FROM tunnels WHERE ue_host = ?1 AND port_uc = ?2 AND port_ps = ?3"
+            " UNION ALL SELECT 1 FROM tunnels WHERE ue_host = ?1 AND port_us = ?2"
+            " AND port_pc = ?3 LIMIT 1", (normalize_host(host), port, local_port)))
+
     def is_phone_host(self, host: str) -> bool:
         """Does any tunnel (in use or staged) have its phone side at `host`?"""
         row = self._query("SELECT 1 FROM tunnels WHERE ue_host = ? LIMIT 1",
