@@ -41,11 +41,16 @@ def _uri_and_params(value: str) -> tuple[str, dict[str, str]]:
     else:
         uri, _, rest = value.partition(";")
         rest = ";" + rest if rest else ""
+    return uri.strip(), _params(rest)
+
+
+def _params(rest: str) -> dict[str, str]:
+    """`;name=value` parameters (names lower-cased, quotes taken off the values)."""
     params = {}
     for item in rest.split(";")[1:]:
         name, _, val = item.partition("=")
         params[name.strip().lower()] = val.strip().strip('"')
-    return uri.strip(), params
+    return params
 
 
 def aor(to_value: str | None) -> str:
@@ -116,10 +121,7 @@ def reply_next_hop(value: str | None) -> Address:
     if not m:
         raise HeaderError("unreadable second Via")
     proto = m.group("proto").lower()
-    params = {}
-    for item in entries[1][m.end():].split(";")[1:]:
-        name, _, val = item.partition("=")
-        params[name.strip().lower()] = val.strip()
+    params = _params(entries[1][m.end():])
     host = params.get("received") or m.group("host")
     rport = params.get("rport")
     if rport:

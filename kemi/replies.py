@@ -92,7 +92,7 @@ def wrong_sender(msg, module, core) -> str | None:
         return None
     if msg.local().port in module.params.client_ports:
         return "it comes to a protected client port, not through a phone's SAs, not from the core"
-    if module.store.is_phone_host(msg.source().host):
+    if module.store.is_phone_host(src.host):
         return "it comes to a protected server port from a phone's address, not through its SAs"
     return None
 

@@ -199,11 +199,11 @@ class Xfrm:
                         results[start + k_] = xfrm_error(req.op, err, req.what, detail)
                     done = done or k_ == last
                 elif (msg_type == k.XFRM_MSG_NEWPOLICY and replies is not None
-                      and 0 <= k_ < end - start):
+                      and 0 <= k_ <= last):
                     replies[start + k_] = codec.decode_policy(
                         view, off + codec.HDR.size, off + length)
                 elif (msg_type == k.XFRM_MSG_NEWSA and replies is not None
-                      and 0 <= k_ < end - start):
+                      and 0 <= k_ <= last):
                     replies[start + k_] = codec.decode_sa(
                         view, off + codec.HDR.size, off + length)
                 off += (length + 3) & ~3

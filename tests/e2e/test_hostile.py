@@ -60,6 +60,19 @@ def _drained(link, timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
+def _mt_invite(phone: Phone, scscf) -> tuple[str, str, Msg, object]:
+    """The S-CSCF calls the registered phone (its Path as Route); returns the Call-ID, the
+    From tag, and the INVITE as the phone received it with its socket key."""
+    call_id, ftag = token(), token()
+    invite = scscf.new_request("INVITE", phone.contact_uri(phone.tunnel.port_us),
+                               call_id=call_id, from_tag=ftag, to=f"<sip:{phone.user}@ims.test>",
+                               cseq=1, route=[f"<{uri_of(scscf.paths[phone.aor])}>"])
+    scscf.request(invite)
+    req, key, _ = phone.wait(lambda m: m.is_request and m.method == "INVITE"
+                             and m.get("Call-ID") == call_id, "INVITE")
+    return call_id, ftag, req, key
+
+
 def _stranger(link, phone: Phone) -> socket.socket:
     """Another UDP socket on the phone's address, on a port of the kernel's choosing that no
     other socket holds: without SO_REUSEADDR, which the phone's sockets have (with it on both,
@@ -336,12 +349,7 @@ def test_a_stranger_cannot_answer_a_call_to_the_phone(link, scscf, kamailio):
     phone = Phone(link, scscf, user="callee")
     phone.full_registration()
     t = phone.tunnel
-    call_id = token()
-    invite = scscf.new_request("INVITE", phone.contact_uri(t.port_us), call_id=call_id,
-                               from_tag=token(), to=f"<sip:{phone.user}@ims.test>", cseq=1,
-                               route=[f"<{uri_of(scscf.paths[phone.aor])}>"])
-    scscf.request(invite)
-    req, key, _ = phone.wait(lambda m: m.is_request and m.method == "INVITE", "INVITE")
+    call_id, _, req, key = _mt_invite(phone, scscf)
     dropped = _dropped(kamailio)
     stranger = _stranger(link, phone)
     try:
@@ -374,13 +382,7 @@ def test_the_phones_2xx_sent_again_after_its_transaction_reaches_the_core(link, 
     the MT INVITE's transaction ended (it has no ACK yet): through its SA4, to the core."""
     phone = Phone(link, scscf, user="slowack")
     phone.full_registration()
-    t = phone.tunnel
-    call_id = token()
-    invite = scscf.new_request("INVITE", phone.contact_uri(t.port_us), call_id=call_id,
-                               from_tag=token(), to=f"<sip:{phone.user}@ims.test>", cseq=1,
-                               route=[f"<{uri_of(scscf.paths[phone.aor])}>"])
-    scscf.request(invite)
-    req, key, _ = phone.wait(lambda m: m.is_request and m.method == "INVITE", "INVITE")
+    call_id, _, req, key = _mt_invite(phone, scscf)
     phone.respond(req, key, 200, "OK", "callee")
     scscf.wait_reply(200, "INVITE")
     time.sleep(6)  # past wt_timer: the transaction is gone
@@ -439,13 +441,7 @@ def test_a_strangers_ack_never_reaches_the_phone(link, scscf, kamailio):
     Routing.request too: it guards the path, the unit tests cover the rule.)"""
     phone = Phone(link, scscf, user="acked")
     phone.full_registration()
-    t = phone.tunnel
-    call_id, ftag = token(), token()
-    invite = scscf.new_request("INVITE", phone.contact_uri(t.port_us), call_id=call_id,
-                               from_tag=ftag, to=f"<sip:{phone.user}@ims.test>", cseq=1,
-                               route=[f"<{uri_of(scscf.paths[phone.aor])}>"])
-    scscf.request(invite)
-    req, key, _ = phone.wait(lambda m: m.is_request and m.method == "INVITE", "INVITE")
+    call_id, ftag, req, key = _mt_invite(phone, scscf)
     phone.respond(req, key, 200, "OK", "acked")
     r200 = scscf.wait_reply(200, "INVITE")
     ack = scscf.new_request("ACK", uri_of(r200.get("Contact")), call_id=call_id, from_tag=ftag,
