@@ -30,6 +30,8 @@ REPLY_CODES = (421, 403, 503)
 # replies the reply route kept from going on (kemi/replies.py): a stray one it may not forward,
 # one carrying keys for no transaction, one of a transaction from the wrong sender
 REPLIES_DROPPED = "ipsec_replies_dropped"
+# unprotected REGISTERs answered 503 because Kamailio was overloaded (kemi/overload.py)
+REGISTERS_SHED = "ipsec_registers_shed"
 # Gauges: set by the sweep from the store, every second.
 LEASES_USED = "ipsec_leases_used"  # SPI pairs leased
 LEASES_FREE = "ipsec_leases_free"  # SPI pairs left
@@ -38,7 +40,8 @@ TUNNELS_ACTIVE = "ipsec_tunnels_active"  # tunnels a contact uses (in use or pen
 COUNTERS = (TUNNELS_CREATED, TUNNELS_KEPT, TUNNELS_REKEYED,
             *(REMOVED + c for c in (DEREGISTRATION, EXPIRY, STARTUP, UNCONFIRMED, OPERATOR)),
             *(CREATE_FAILED + c for c in (PHONE, CORE, REFUSED, POOL, KERNEL, STORE, INTERNAL)),
-            VERIFY_REFUSED, *(f"{REPLIES}{code}" for code in REPLY_CODES), REPLIES_DROPPED)
+            VERIFY_REFUSED, *(f"{REPLIES}{code}" for code in REPLY_CODES), REPLIES_DROPPED,
+            REGISTERS_SHED)
 GAUGES = (LEASES_USED, LEASES_FREE, TUNNELS_ACTIVE)
 
 

@@ -25,6 +25,7 @@ from ipsec.module import Module, ModuleError  # noqa: E402
 from ipsec.params import ParamError  # noqa: E402
 from kemi.core import Core, CoreError  # noqa: E402
 from kemi.message import KsrMessage  # noqa: E402
+from kemi.overload import Overload  # noqa: E402
 from kemi.replies import drop as drop_reply, stray_reply  # noqa: E402
 from kemi.routing import Routing, refuse_challenge  # noqa: E402
 from kemi.stats import KsrCounters, metrics_request  # noqa: E402
@@ -51,11 +52,12 @@ def mod_init():
         module.close()  # every worker opens its own store connection and netlink socket
     try:
         core = Core.from_defines(KSR.kx.get_def)
-    except CoreError as e:
+        overload = Overload.from_defines(KSR.kx.get_def)
+    except (CoreError, ParamError) as e:
         KSR.err("ims-ipsec: refusing to start: %s\n" % e)
         return None
     KSR.info("ims-ipsec: %s\n" % core.trust_line())
-    callbacks = kamailio(Routing(module, KSR.kx.get_def, DOMAIN, core), started)
+    callbacks = kamailio(Routing(module, KSR.kx.get_def, DOMAIN, core, overload), started)
     freeze_for_fork()
     return callbacks
 

@@ -14,6 +14,7 @@ from ipsec.logtext import clean
 from ipsec.module import Module
 from kemi import identity
 from kemi.core import Core, next_hop_of
+from kemi.overload import SHED, Overload
 from kemi.replies import stray_path, wrong_sender
 
 # Option tags and headers the P-CSCF consumes: the core must not see the phone's sec-agree.
@@ -30,10 +31,12 @@ def refuse_challenge() -> None:
 
 
 class Routing:
-    def __init__(self, module: Module, get_def, domain: str, core: Core | None = None) -> None:
+    def __init__(self, module: Module, get_def, domain: str, core: Core | None = None,
+                 overload: Overload | None = None) -> None:
         self.m = module
         self.domain = domain
         self.core = core or Core.from_defines(get_def)  # kemi/core.py: who the core is
+        self.overload = overload or Overload.from_defines(get_def)  # kemi/overload.py
         self.next_hop = self.core.next_hop
         # the Record-Route facing the core (record_route_preset form); r2=on: see phone_facing_rr
         self.core_rr = self.core.rr
@@ -73,6 +76,11 @@ class Routing:
         if self.m.is_protected(msg):
             return self._from_phone(msg, method)
         if method == "REGISTER" and not self.core.on_core_socket(msg):
+            answered = self.overload.shed(msg.source().host)
+            if answered is not None:
+                if answered == SHED:
+                    self.m.counters.count(stat.REGISTERS_SHED)
+                return 1
             return self._unprotected_register(msg)
         if self.core.from_core(msg) and method != "REGISTER":
             return self._to_phone(msg)

@@ -216,6 +216,10 @@ _sockets: list[tuple[str, str, int]] = []
 _stats: dict[str, int] = {}
 _stats_no_reset: set[str] = set()
 _stats_lock = threading.Lock()
+# TM's own statistics (tmx): the double has no transaction table across messages, so a test
+# sets what TM would count (KSR._tm_stats(active_transactions=...)); 0 until then
+_TM_STATS = ("active_transactions", "inuse_transactions")
+_tm: dict[str, int] = dict.fromkeys(_TM_STATS, 0)
 
 
 def _reset() -> None:
@@ -225,6 +229,15 @@ def _reset() -> None:
     _sockets.clear()
     _stats.clear()
     _stats_no_reset.clear()
+    _tm.update(dict.fromkeys(_TM_STATS, 0))
+
+
+def _tm_stats(**values: int) -> None:
+    """What TM's statistics read now ($stat(active_transactions), ...)."""
+    for name, value in values.items():
+        if name not in _tm:
+            raise KeyError(f"KSR double: TM has no statistic {name}")
+        _tm[name] = int(value)
 
 
 def _declare_stats(*variables: str) -> None:
@@ -340,7 +353,7 @@ def _eval(view: _View, name: str):
         return _r().avps.get(m["name"])
     m = _STAT.fullmatch(name)
     if m:
-        return _stats.get(m["name"])
+        return _stat(m["name"])
     m = _T_REQ.fullmatch(name)
     if m:
         request = _r().request
@@ -398,7 +411,7 @@ def __getattr__(attr: str):
 def _pv_get(name: str):
     m = _STAT.fullmatch(name)
     if m:  # shared memory: no message needed (timer and event routes read it too)
-        return _stats.get(m["name"])
+        return _stat(m["name"])
     return _eval(_current(), name)
 
 
@@ -676,6 +689,14 @@ def _process_maxfwd(limit: int) -> int:
             return 1
     _r().added.append(("Max-Forwards", str(limit)))
     return 2
+
+
+def _stat(name: str) -> int | None:
+    """$stat(name): a declared variable, else one of TM's, else None (no such statistic)."""
+    with _stats_lock:
+        if name in _stats:
+            return _stats[name]
+    return _tm.get(name)
 
 
 def _update_stat(name: str, value: int) -> int:

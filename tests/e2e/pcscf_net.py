@@ -191,6 +191,16 @@ class Kamailio:
         self.proc.wait()
         time.sleep(0.3)
 
+    def statistic(self, name: str) -> int:
+        """One of the module's counters (group `script`), read with kamcmd over the ctl socket."""
+        out = subprocess.run(["ip", "netns", "exec", self.link.pc, "kamcmd", "-s",
+                              f"unix:{self.run_dir}/kamailio_ctl", "stats.get_statistics",
+                              "script:"],
+                             check=True, capture_output=True, text=True, timeout=10).stdout
+        found = re.search(rf"script:{re.escape(name)} = (\d+)", out)
+        assert found, out
+        return int(found[1])
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -541,7 +551,8 @@ class Phone:
                 self.seen.append(item[0])
                 if pred(item[0]):
                     return item
-        raise AssertionError(f"phone {self.user}: no {what}")
+        raise AssertionError(f"phone {self.user}: no {what} in {timeout:.0f} s; the last it got: "
+                             f"{[_summary(m) for m in self.seen[-5:]]}")
 
     def wait_reply(self, status: int, method: str, timeout: float = WAIT) -> tuple[Msg, object, tuple]:
         return self.wait(lambda m: not m.is_request and m.status == status and m.method == method,
@@ -601,6 +612,11 @@ class Phone:
 
 
 # ---- calls -------------------------------------------------------------------------------
+
+def _summary(m: Msg) -> str:
+    """One line per message for a failure's text: its first line and CSeq."""
+    return f"{m.first} ({m.get('CSeq')})"
+
 
 def mt_call(phone: Phone, scscf: Scscf) -> None:
     """The S-CSCF calls the phone through the P-CSCF (Path as Route); phone answers; BYE."""

@@ -352,6 +352,14 @@ def test_mod_init_refuses_a_bad_parameter_naming_it(script):
     assert "ipsec_client_port" in line and "70000" in line
 
 
+def test_mod_init_refuses_a_bad_overload_limit_naming_it(script):
+    pcscf_script, _ = script
+    KSR._defines({**KSR._defs, "OVERLOAD_TRANSACTIONS": "many"})
+    assert pcscf_script.mod_init() is None
+    (line,) = KSR._rec.logs["err"]
+    assert "refusing to start" in line and "OVERLOAD_TRANSACTIONS" in line
+
+
 def test_mod_init_warns_about_reserved_spis_and_flushes_strays(script):
     pcscf_script, kernel = script
     KSR._defines({**KSR._defs, "IPSEC_SPI_ID_START": "100"})
