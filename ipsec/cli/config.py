@@ -42,6 +42,7 @@ DEFAULTS: dict[str, str] = {
     "PENDING_PER_HOST": "8",
     "PENDING_PER_AOR": "4",
     "REKEY_RESERVE": "10",
+    "OVERLOAD_TRANSACTIONS": "1000",
     "CORE_PORT": "5060",  # the core socket's port, when CORE_IP gives the core one
 }
 SIP_PORT = 5060  # kamailio.cfg's unprotected listen lines
