@@ -30,7 +30,8 @@ REPLY_CODES = (421, 403, 503)
 # replies the reply route kept from going on (kemi/replies.py): a stray one it may not forward,
 # one carrying keys for no transaction, one of a transaction from the wrong sender
 REPLIES_DROPPED = "ipsec_replies_dropped"
-# unprotected REGISTERs answered 503 because Kamailio was overloaded (kemi/overload.py)
+# unprotected REGISTERs shed while Kamailio was overloaded: dropped, or answered 503
+# (kemi/overload.py)
 REGISTERS_SHED = "ipsec_registers_shed"
 # Gauges: set by the sweep from the store, every second.
 LEASES_USED = "ipsec_leases_used"  # SPI pairs leased

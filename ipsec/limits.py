@@ -40,6 +40,20 @@ _DEFINES = (
 )
 
 
+def int_define(get_def: Callable[[str], str | None], name: str, default: int, low: int,
+               high: int) -> int:
+    """An integer define of kamailio.cfg (`default` when not defined); a bad one raises
+    ParamError naming it."""
+    raw = (get_def(name) or "").strip().strip('"')
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise ParamError(f"{name}: {raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise ParamError(f"{name}: {value} is out of range {low}..{high}")
+    return value
+
+
 @dataclass(frozen=True)
 class Limits:
     per_host: int = 8
@@ -51,16 +65,8 @@ class Limits:
     def from_defines(cls, get_def: Callable[[str], str], spi_pairs: int) -> "Limits":
         """PENDING_PER_HOST, PENDING_PER_AOR, REKEY_RESERVE (percent of the SPI pairs) and
         PENDING_LIFETIME (seconds) from kamailio.cfg; a bad value raises ParamError."""
-        values: dict[str, int] = {}
-        for name, field, default, low, high in _DEFINES:
-            raw = (get_def(name) or "").strip().strip('"')
-            try:
-                value = int(raw) if raw else default
-            except ValueError:
-                raise ParamError(f"{name}: {raw!r} is not an integer") from None
-            if not low <= value <= high:
-                raise ParamError(f"{name}: {value} is out of range {low}..{high}")
-            values[field] = value
+        values = {field: int_define(get_def, name, default, low, high)
+                  for name, field, default, low, high in _DEFINES}
         return cls(values["per_host"], values["per_aor"],
                    spi_pairs * values["reserve_percent"] // 100,
                    float(values["pending_lifetime"]))

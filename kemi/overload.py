@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import KSR
 
-from ipsec.params import ParamError
+from ipsec.limits import int_define
 
 DEFINE = "OVERLOAD_TRANSACTIONS"
 DEFAULT = 1000
@@ -51,14 +51,7 @@ SHED, ABSORBED = "shed", "absorbed"
 
 
 def limit_from_defines(get_def: Callable[[str], str | None]) -> int:
-    raw = (get_def(DEFINE) or "").strip().strip('"')
-    try:
-        value = int(raw) if raw else DEFAULT
-    except ValueError:
-        raise ParamError(f"{DEFINE}: {raw!r} is not an integer") from None
-    if not 0 <= value <= HIGHEST:
-        raise ParamError(f"{DEFINE}: {value} is out of range 0..{HIGHEST}")
-    return value
+    return int_define(get_def, DEFINE, DEFAULT, 0, HIGHEST)
 
 
 class Senders:

@@ -218,7 +218,7 @@ _stats_no_reset: set[str] = set()
 _stats_lock = threading.Lock()
 # TM's own statistics (tmx): the double has no transaction table across messages, so a test
 # sets what TM would count (KSR._tm_stats(active_transactions=...)); 0 until then
-_TM_STATS = ("active_transactions", "inuse_transactions")
+_TM_STATS = ("active_transactions",)
 _tm: dict[str, int] = dict.fromkeys(_TM_STATS, 0)
 
 
