@@ -94,20 +94,28 @@ _FOLD = re.compile(r"\r?\n[ \t]+")  # header folding (RFC 3261 7.3.1) is white s
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+def _sent_by(entry: str, what: str) -> tuple[Address, dict[str, str]]:
+    """One Via entry: its sent-by (the transport's default port when it names none) and its
+    parameters."""
+    m = _VIA.match(entry)
+    if not m:
+        raise HeaderError(f"unreadable {what}")
+    proto = m.group("proto").lower()
+    port = int(m.group("port")) if m.group("port") else (5061 if proto == "tls" else 5060)
+    try:
+        return Address(normalize_host(m.group("host")), port, proto), _params(entry[m.end():])
+    except SipUriError as e:
+        raise HeaderError(f"{what}: {e}") from None
+
+
 def top_via(value: str | None) -> Address:
     """The sent-by of the first Via: where the phone says it wants its replies."""
     if not value:
         raise HeaderError("no Via header")
     first = _split_commas(value)
-    m = _VIA.match(first[0]) if first else None
-    if not m:
+    if not first:
         raise HeaderError("unreadable Via")
-    proto = m.group("proto").lower()
-    port = int(m.group("port")) if m.group("port") else (5061 if proto == "tls" else 5060)
-    try:
-        return Address(normalize_host(m.group("host")), port, proto)
-    except SipUriError as e:
-        raise HeaderError(f"Via: {e}") from None
+    return _sent_by(first[0], "Via")[0]
 
 
 def reply_next_hop(value: str | None) -> Address:
@@ -117,23 +125,15 @@ def reply_next_hop(value: str | None) -> Address:
     entries = _split_commas(_FOLD.sub(" ", value)) if value else []
     if len(entries) < 2:
         raise HeaderError("no second Via")
-    m = _VIA.match(entries[1])
-    if not m:
-        raise HeaderError("unreadable second Via")
-    proto = m.group("proto").lower()
-    params = _params(entries[1][m.end():])
-    host = params.get("received") or m.group("host")
-    rport = params.get("rport")
-    if rport:
-        port_text = rport
-    else:
-        port_text = m.group("port") or ("5061" if proto == "tls" else "5060")
+    sent_by, params = _sent_by(entries[1], "second Via")
+    port_text = params.get("rport") or str(sent_by.port)
     if not is_digits(port_text) or not 0 < int(port_text) < 65536:
         raise HeaderError(f"second Via: bad port {port_text!r}")
     try:
-        return Address(normalize_host(host), int(port_text), proto)
+        host = normalize_host(params["received"]) if params.get("received") else sent_by.host
     except SipUriError as e:
         raise HeaderError(f"second Via: {e}") from None
+    return Address(host, int(port_text), sent_by.proto)
 
 
 def option_tags(value: str | None) -> list[str]:

@@ -108,7 +108,7 @@ def stray_reply(msg, routing) -> int:
     method = cseq[1].upper() if len(cseq) > 1 else ""
     keys = carries_keys(msg)
     if KSR.tm.t_check_trans() > 0:
-        why = routing.reply_sender_refused(msg)  # wrong_sender
+        why = wrong_sender(msg, routing.m, routing.core)
         if why is not None:
             KSR.info("ims-ipsec: %s to %s from %s for a transaction: dropped, %s\n"
                      % (msg.status(), clean(method or "?"), msg.source(), why))
@@ -119,7 +119,7 @@ def stray_reply(msg, routing) -> int:
         return 1
     challenged = any(msg.header(name) is not None for name in CHALLENGES)
     if method != "REGISTER" and not challenged:
-        why = routing.stray_reply_path(msg)  # stray_path: where it may go, if anywhere
+        why = stray_path(msg, routing.m, routing.core)  # where it may go, if anywhere
         if why is None:
             return 1
         KSR.info("ims-ipsec: %s to %s from %s matches no transaction: dropped, %s\n"

@@ -15,7 +15,6 @@ from ipsec.module import Module
 from kemi import identity
 from kemi.core import Core, next_hop_of
 from kemi.overload import SHED, Overload
-from kemi.replies import stray_path, wrong_sender
 
 # Option tags and headers the P-CSCF consumes: the core must not see the phone's sec-agree.
 SEC_AGREE_HEADERS = ("Security-Client", "Security-Verify")
@@ -89,14 +88,6 @@ class Routing:
         KSR.sl.sl_send_reply(403, "Forbidden - Use Protected Port")
         self._counted(403)
         return 1
-
-    def stray_reply_path(self, msg) -> str | None:
-        """A reply that matches no transaction: see kemi/replies.stray_path."""
-        return stray_path(msg, self.m, self.core)
-
-    def reply_sender_refused(self, msg) -> str | None:
-        """A reply of a transaction: see kemi/replies.wrong_sender."""
-        return wrong_sender(msg, self.m, self.core)
 
     def _cancel(self, msg) -> int:
         """A CANCEL follows its INVITE's transaction, and only from where INVITEs come from:

@@ -831,9 +831,7 @@ class Store:
         host = normalize_host(host)
         with self._read() as db:
             ids = [row[0] for row in db.execute(
-                "SELECT id FROM tunnels WHERE ue_host = ?1 AND port_uc = ?2 AND port_ps = ?3"
-                " UNION ALL SELECT id FROM tunnels WHERE ue_host = ?1 AND port_us = ?2"
-                " AND port_pc = ?3", (host, port, local_port))]
+                _FLOW_TUNNELS.format("id"), (host, port, local_port))]
             found = _newest_user(db, ids)
         return found[0] if found else None
 
@@ -842,10 +840,8 @@ class Store:
         `local_port` (port_uc -> port_ps, or port_us -> port_pc)? One statement, no contact:
         the kernel's policy for that flow exists exactly when the tunnel does (the state
         invariant), and it lets nothing in on that flow but ESP."""
-        return bool(self._query(
-            "SELECT 1 FROM tunnels WHERE ue_host = ?1 AND port_uc = ?2 AND port_ps = ?3"
-            " UNION ALL SELECT 1 FROM tunnels WHERE ue_host = ?1 AND port_us = ?2"
-            " AND port_pc = ?3 LIMIT 1", (normalize_host(host), port, local_port)))
+        return bool(self._query(_FLOW_TUNNELS.format("1") + " LIMIT 1",
+                                (normalize_host(host), port, local_port)))
 
     def is_phone_host(self, host: str) -> bool:
         """Does any tunnel (in use or staged) have its phone side at `host`?"""
@@ -1078,6 +1074,13 @@ def _address(addr: Address) -> Address:
 def _lines(uris: tuple[str, ...] | None) -> str | None:
     """URIs one per line (a URI read from a header holds no line break)."""
     return None if uris is None else "\n".join(u for u in uris if "\n" not in u)
+
+
+# the tunnels whose SAs carry a phone's flow host:?2 -> our ?3 (port_uc -> port_ps, or
+# port_us -> port_pc), selecting {}
+_FLOW_TUNNELS = ("SELECT {0} FROM tunnels WHERE ue_host = ?1 AND port_uc = ?2 AND port_ps = ?3"
+                 " UNION ALL SELECT {0} FROM tunnels WHERE ue_host = ?1 AND port_us = ?2"
+                 " AND port_pc = ?3")
 
 
 def _newest_user(db: sqlite3.Connection, tunnel_ids: list[int]) -> tuple[Contact, bool] | None:

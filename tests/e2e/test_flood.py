@@ -204,7 +204,9 @@ def register_patiently(phone: Phone) -> tuple[float, int]:
             break
         assert phone.tunnel is None, "a REGISTER through the SAs was shed"
         shed += 1
-        time.sleep(int(answer.get("Retry-After") or 1))
+        retry = answer.get("Retry-After")
+        assert retry and 1 <= int(retry) <= 5, answer.text()
+        time.sleep(int(retry))
     phone.pending = phone.setup_sas(answer)
     old, phone.tunnel = phone.tunnel, phone.pending
     phone.register(protected=True, verify=phone.security_server, response=True)
