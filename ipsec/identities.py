@@ -66,6 +66,8 @@ def asserted_identity(registered: tuple[str, ...], preferred: str | None) -> str
 
 
 _PARAM = re.compile(r'(?P<sep>,\s*)integrity-protected\s*=\s*(?:"[^"]*"|[^,\s]*)\s*', re.I)
+_FIRST_PARAM = re.compile(r'(\s*\S+\s+)integrity-protected\s*=\s*(?:"[^"]*"|[^,\s]*)\s*,?\s*',
+                          re.I)
 
 
 def with_integrity_protected(authorization: str, value: str) -> str:
@@ -91,7 +93,7 @@ def _strip_param(authorization: str) -> str:
         i += 1
     text = "".join(out)
     # the parameter first, right after the scheme ("Digest integrity-protected=..., ...")
-    head = re.match(r'(\s*\S+\s+)integrity-protected\s*=\s*(?:"[^"]*"|[^,\s]*)\s*,?\s*', text, re.I)
+    head = _FIRST_PARAM.match(text)
     if head:
         text = head.group(1) + text[head.end():]
     return text
