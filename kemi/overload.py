@@ -24,6 +24,8 @@ Tried first and measured with the flood test at 800 REGISTERs/s: a 503 to every 
 REGISTER at the limit let the flood take every slot TM freed (new phones got nothing but
 503s for 30 s); a 503 to busy hosts cost the workers so much that the queue of port 5060
 still overflowed, lost the core's 401s, and held TM's count at 100-220 active transactions.
+tmx recomputes its figure in each process at most every 2 s (tmx_stats_update), so shedding
+starts and stops up to 2 s late in each worker (tests/e2e/test_overload.py waits for it).
 Requests through a phone's SAs (re-keys, calls) and requests from the core are never shed,
 so registered phones keep their service during the flood. 0 turns shedding off. A flood
 from many addresses, each of them quiet, is shed only from twice the limit on.

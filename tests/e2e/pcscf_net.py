@@ -226,6 +226,7 @@ class Scscf:
         # transaction: what a late answer looks like once TM has forgotten its REGISTER
         self.stray_challenge = False
         self.silent = False  # answer nothing (the hostile-input flood)
+        self.hold: set[str] = set()  # AoRs whose REGISTERs it leaves unanswered (a slow HSS)
         self.paths: dict[str, str] = {}
         self.pcscf_port = 5060  # where its requests enter the P-CSCF (a core socket: CORE_PORT)
         self.associated: list[str] = []  # the 200 OK's P-Associated-URI (none when empty)
@@ -265,6 +266,8 @@ class Scscf:
 
     def _on_register(self, req: Msg) -> None:
         aor = uri_of(req.get("To"))
+        if aor in self.hold:
+            return
         auth = req.get("Authorization") or ""
         if 'response="' in auth and 'response=""' not in auth:
             r = reply(req, 200, "OK", to_tag=token())
