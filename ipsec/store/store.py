@@ -220,8 +220,9 @@ class Store:
                      self.server_port + index), index
 
     def _lease_tunnel(self, db: sqlite3.Connection, ue: UeSide, avoid: Iterable[int],
-                      build: Callable[[Lease], Tunnel]) -> tuple[Tunnel, int]:
-        """A lease and the tunnel `build` makes of it, written as one row; returns its id."""
+                      build: Callable[[Lease], Tunnel], now: float) -> tuple[Tunnel, int]:
+        """A lease (taken at `now`) and the tunnel `build` makes of it, written as one row;
+        returns its id."""
         lease, index = self._choose_lease(db, ue.host, avoid, (ue.port_uc, ue.port_us))
         t = build(lease)
         self._refuse_phone_spis_in_use(db, t)
@@ -230,7 +231,7 @@ class Store:
             " ue_host, spi_uc, spi_us, port_uc, port_us, alg, ealg, pcscf_host, keys_digest,"
             " offer, security_server, txn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
             " ?, ?, ?, ?)",
-            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, self.clock(),
+            (lease.spi_pc, lease.spi_ps, lease.port_pc, lease.port_ps, index, now,
              ue.host, ue.spi_uc, ue.spi_us, ue.port_uc, ue.port_us, t.alg, t.ealg,
              t.pcscf_host, t.keys_digest, t.offer, t.security_server, t.txn)).lastrowid
         return t, tunnel_id
@@ -387,15 +388,18 @@ class Store:
         return found[0] if found is not None else None
 
     def _save_binding(self, db: sqlite3.Connection, b: Binding,
-                      pending: int | None = None) -> int:
+                      pending: int | None = None, now: float | None = None) -> int:
         """Insert or refresh the contact of a binding; with `pending`, that tunnel row becomes
-        its pending tunnel in the same row write."""
+        its pending tunnel in the same row write. `now`: the transaction's time, if it read
+        the clock already (each read is a system call in User-mode Linux)."""
         parsed = parse_uri(b.uri)
         target = uri_target(parsed)
         transport = _transport(parsed, b.received)
         via, received = _address(b.via), _address(b.received)
         contact_id = self._binding_id(db, b.aor, received)
-        pending_until = time.time() + self.pending_lifetime
+        if now is None:
+            now = self.clock()
+        pending_until = now + self.pending_lifetime
         if contact_id is None:
             return db.execute(
                 "INSERT INTO contacts (aor, uri, contact_host, contact_port, via_host,"
@@ -405,7 +409,6 @@ class Store:
                 (b.aor, b.uri, target.host, target.port, via.host, via.port, via.proto,
                  received.host, received.port, received.proto, PENDING,
                  pending_until, transport, pending)).lastrowid
-        now = time.time()
         if db.execute("SELECT 1 FROM contacts WHERE id = ? AND state = ? AND expires > ?",
                       (contact_id, REGISTERED, now)).fetchone() is not None:
             # An unprotected REGISTER proves nothing (its source may be spoofed): a live
@@ -578,9 +581,10 @@ class Store:
                                       self._hosts_of(db, verdict.evict))
             if decision.action == NEW:
                 # one row write each: the tunnel whole, the contact with it as pending
-                tunnel, tunnel_id = self._lease_tunnel(db, ue, avoid, build)
+                at = self.clock()
+                tunnel, tunnel_id = self._lease_tunnel(db, ue, avoid, build, at)
                 if isinstance(contact, Binding):
-                    contact_id = self._save_binding(db, contact, pending=tunnel_id)
+                    contact_id = self._save_binding(db, contact, pending=tunnel_id, now=at)
                 elif db.execute("UPDATE contacts SET pending_tunnel_id = ? WHERE id = ?",
                                 (tunnel_id, contact_id)).rowcount == 0:
                     raise UnknownContact(f"contact {contact_id}")

@@ -3,6 +3,7 @@ e2e phone's 33.203 table, its SAs against the P-CSCF's flows, the SIP helpers, t
 stub over real UDP sockets, and the statistics."""
 from __future__ import annotations
 
+import os
 import re
 import socket
 import sys
@@ -19,7 +20,9 @@ from ipsec.xfrm import Dir  # noqa: E402
 from ipsec.xfrm import structs as k  # noqa: E402
 from tools.load import sip  # noqa: E402
 from tools.load.engine import PhaseResult  # noqa: E402
+from tools.load.scenario import process_cpu  # noqa: E402
 from tools.load.scscf import Scscf  # noqa: E402
+from tools.load.spy import calls_per_step  # noqa: E402
 from tools.load.ue_ipsec import UeTunnel, aka, drop_requests, flows, install_requests, ue_algs  # noqa: E402
 
 CK, IK = esp_net.CK, esp_net.IK
@@ -167,6 +170,34 @@ def test_percentiles_are_nearest_rank_over_successes():
     assert (r.ok, r.rate) == (100, 50.0)
     assert (r.percentile(0.5), r.percentile(0.99), r.percentile(1.0)) == (0.05, 0.099, 0.1)
     assert PhaseResult("empty", 3).percentile(0.5) == 0.0
+
+
+STRACE_TABLE = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 33.33    0.010000          11       881           pread64
+ 33.33    0.010000          17       562           fcntl
+  0.00    0.000000           0      1463           pwrite64
+  0.00    0.000000           0        55        55 pause
+  0.00    0.000000           0         1           getpid
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.030000           7      2962        55 total
+"""
+
+
+def test_strace_tables_become_calls_per_step(tmp_path):
+    table = tmp_path / "phase.strace"
+    table.write_text(STRACE_TABLE)
+    assert calls_per_step(table, 50) == ("59.2 system calls per step: pwrite64 29.3, "
+                                         "pread64 17.6, fcntl 11.2, pause 1.1")
+
+
+def test_kamailio_cpu_is_read_per_process_and_shown_per_step():
+    user, system = process_cpu([os.getpid(), 2 ** 22 + 1])  # the second: no such process
+    assert user > 0 and system >= 0
+    r = PhaseResult("p", 4, latencies={i: 0.1 for i in range(4)}, server_cpu=(0.01, 0.002))
+    assert r.server_ms() == ", Kamailio 2.50 + 0.50 ms CPU"
+    assert PhaseResult("p", 4).server_ms() == ""
 
 
 # ---- one phone, driven by hand: what it sends, what it accepts, how it names failures ----

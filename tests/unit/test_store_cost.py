@@ -165,3 +165,27 @@ def test_the_sweep_looks_for_leftover_leases_every_ten_seconds_not_every_second(
     assert len(calls) == 1
     pcscf.clock.advance(module.UNUSED_CHECK_EVERY)
     assert pcscf.module.sweep() == 1 and len(calls) == 2
+
+
+def test_a_challenge_reads_the_clock_once(pcscf, monkeypatch):
+    """The lease and the binding of one challenge share one clock read: inside User-mode
+    Linux, which has no vDSO, each read is a system call (~50 us, as dear as a netlink send).
+    Counted: the store's clock and the wall clock of the process."""
+    reads = []
+    clock, wall = pcscf.module.store.clock, time.time
+
+    def counted(read):
+        def counting() -> float:
+            reads.append(read)
+            return read()
+        return counting
+
+    reg = register(security_client=OFFER.format(s=1111, t=2222))
+    rec = pcscf.request(reg)
+    monkeypatch.setattr(pcscf.module.store, "clock", counted(clock))
+    monkeypatch.setattr(time, "time", counted(wall))
+    pcscf.register_reply(rec.relays[0], reply_to(reg, 401, "Unauthorized", (
+        f"WWW-Authenticate: {challenge()}",)))
+    monkeypatch.undo()
+    assert pcscf.kernel.sas, "no tunnel was installed: the test did not challenge"
+    assert len(reads) == 1

@@ -28,7 +28,7 @@ from .phone import Phone
 from .report import Report, keep_run_dir, say
 from . import scenario
 from .scenario import SCSCF_PORT, ipsec_phases, relay_phases
-from .spy import Spy, summary
+from .spy import Spy, Strace, summary
 from .scscf import Scscf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +55,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--py-spy", action="store_true",
                     help="sample Kamailio with py-spy during each timed phase (one file per phase "
                          "in the run dir's py-spy/, kept with --keep) and print where time went")
+    ap.add_argument("--strace", action="store_true",
+                    help="count every Kamailio process's system calls during each timed phase "
+                         "(strace -c, which slows them: rates are then not comparable) and "
+                         "print them per step")
     ap.add_argument("--keep", metavar="DIR",
                     help="copy the run dir (Kamailio logs, store) to DIR (absolute) at the end")
     opts = ap.parse_args(argv)
@@ -125,6 +129,8 @@ def main(argv: list[str]) -> int:
     report = Report()
     if opts.py_spy:
         scenario.SPY = Spy(run_dir / "py-spy")
+    if opts.strace:
+        scenario.STRACE = Strace(run_dir / "strace")
     kamailios: list[Kamailio] = []
     phones: list[Phone] = []
     try:

@@ -51,6 +51,8 @@ class PhaseResult:
     notes: Counter[str] = field(default_factory=Counter)  # what happened besides the steps
     cpu: float = 0.0  # the generator's own CPU seconds (user + system) during the phase
     timed: bool = True
+    # Kamailio's processes' CPU seconds during the phase, (user, system), when measured
+    server_cpu: tuple[float, float] | None = None
 
     @property
     def ok(self) -> int:
@@ -71,6 +73,13 @@ class PhaseResult:
             return 0.0
         ordered = sorted(self.latencies.values())
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+    def server_ms(self) -> str:
+        """', Kamailio 1.2 + 2.3 ms CPU' (user + system per successful step), if measured."""
+        if self.server_cpu is None or not self.ok:
+            return ""
+        user, system = self.server_cpu
+        return f", Kamailio {1000 * user / self.ok:.2f} + {1000 * system / self.ok:.2f} ms CPU"
 
     @property
     def cpu_share(self) -> float:

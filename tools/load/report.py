@@ -71,7 +71,8 @@ class Report:
             return f"{r.name}: {r.ok}/{r.attempted} in {r.wall:.2f} s{fails}"
         return (f"{r.name}: {r.ok}/{r.attempted} in {r.busy:.2f} s, {r.rate:.1f}/s, "
                 f"p50 {r.percentile(0.5) * 1000:.0f} ms, p99 {r.percentile(0.99) * 1000:.0f} ms, "
-                f"{r.retransmits} retransmissions, generator CPU {r.cpu_share:.0%}{fails}")
+                f"{r.retransmits} retransmissions, generator CPU {r.cpu_share:.0%}"
+                f"{r.server_ms()}{fails}")
 
     def print(self, kamailios: list[Kamailio], log_dir: Path | None) -> None:
         """Everything, Kamailio's logs named in `log_dir` (where they were kept) if given."""

@@ -7,7 +7,9 @@ phones, every SA and policy flushed from both namespaces: 401 step and the secon
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 from collections.abc import Callable
 
 from .engine import Engine, PhaseResult
@@ -15,7 +17,7 @@ from .kamailio import Kamailio
 from .net import Link, esp_counters, flush_xfrm
 from .phone import Phone
 from .report import Report, say
-from .spy import Spy
+from .spy import Spy, Strace, calls_per_step
 from .ue_ipsec import UeTunnel
 
 SCSCF_PORT = 6060
@@ -39,6 +41,7 @@ def alive(phones: list[Phone]) -> list[Phone]:
 
 # --py-spy: the profiler, and the Kamailio whose phases run now
 SPY: Spy | None = None
+STRACE: Strace | None = None  # --strace: system calls counted per phase
 _watched: Kamailio | None = None
 
 
@@ -47,14 +50,40 @@ def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
     spying = SPY is not None and timed and _watched is not None
     if spying:
         SPY.start(_watched.proc.pid, name)
+    pids = _watched.processes() if timed and _watched is not None else []
+    tracing = STRACE is not None and bool(pids)
+    if tracing:
+        STRACE.start(pids, name)
+    before = process_cpu(pids)
     try:
         result = engine.run_phase(name, phones, start, in_flight, timed)
     finally:
         if spying:
             SPY.stop()
+        if tracing:
+            STRACE.stop()
+    if pids:
+        after = process_cpu(pids)
+        result.server_cpu = (after[0] - before[0], after[1] - before[1])
     report.add(result)
     say(report.line(result))
+    if tracing and result.ok:
+        say(f"  {name}: Kamailio's " + calls_per_step(STRACE.table(name), result.ok))
     return result
+
+
+def process_cpu(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds the processes have used so far (/proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone: its share is lost, not guessed
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / tick, system / tick
 
 
 def ipsec_phases(engine: Engine, link: Link, phones: list[Phone], pcscf: Kamailio,
