@@ -117,6 +117,14 @@ def _failure_cause(e: Exception) -> str:
     return stat.INTERNAL
 
 
+def _forget_lookups(msg: object) -> None:
+    """A function that changes the store drops the look-ups this message memoised, so a
+    script that calls ipsec_forward after it on the same message reads the store anew."""
+    memo = getattr(msg, "memo", None)
+    if memo is not None:
+        memo.clear()
+
+
 def kemi_function(fn: Callable[..., int]) -> Callable[..., int]:
     """1/-1 for Kamailio: refusals and any unexpected error are logged, never raised; an
     ipsec_create failure is counted by its cause."""
@@ -256,6 +264,7 @@ class Module:
     @kemi_function
     def save_pending(self, msg: Message, domain: str) -> int:
         """An unprotected REGISTER from a phone: remember its contact until the 200 OK."""
+        _forget_lookups(msg)
         found = headers.contacts(msg.header("Contact"))
         if not found or found[0][0] == "*":
             raise Refused("REGISTER without a contact to protect")
@@ -272,6 +281,7 @@ class Module:
         names the phone's new protected server port there) over the REGISTER's transport.
         A REGISTER that came through the pending SAs confirms them (33.203 7.4), in the same
         transaction; the old SAs go."""
+        _forget_lookups(msg)
         req = msg.request()
         noted = _noted_tunnel(msg)
         if noted is not None:
@@ -355,6 +365,7 @@ class Module:
         An unprotected REGISTER's contact is saved here, in the transaction that stages its
         tunnel (save_pending before is not needed): nothing is written for a REGISTER the
         core does not challenge."""
+        _forget_lookups(msg)
         if flags & CREATE_DELETE_UNUSED:
             self._remove_unused()
         req = msg.request()
@@ -568,14 +579,24 @@ class Module:
         """The registered phone a request from the core is for (see Store.find_by_uri: the
         contact must own the URI's address, or be of the AoR the request is for). None for a
         URI no phone can have registered (tel:, unreadable): the caller answers as for an
-        unknown phone."""
+        unknown phone.
+
+        Looked up once per message and flags, as `tunnel_contact` is: the routing script reads
+        it for the record-route of an initial request to a phone, then ipsec_forward again."""
+        memo = getattr(msg, "memo", None)
+        key = f"contact_for_request {flags}"
+        if memo is not None and key in memo:
+            return memo[key]
         try:
-            return self.store.find_by_uri(self._search_uri(msg, flags),
-                                          use_alias=not flags & NO_ALIAS,
-                                          newest_first=not flags & REVERSE_SEARCH,
-                                          aor=_to_aor(msg))
+            found = self.store.find_by_uri(self._search_uri(msg, flags),
+                                           use_alias=not flags & NO_ALIAS,
+                                           newest_first=not flags & REVERSE_SEARCH,
+                                           aor=_to_aor(msg))
         except SipUriError:
-            return None
+            found = None
+        if memo is not None:
+            memo[key] = found
+        return found
 
     def _reply_path(self, msg: Message, flags: int) -> int:
         contact = self.tunnel_contact(msg)
@@ -633,6 +654,7 @@ class Module:
     def ipsec_destroy(self, msg: Message, domain: str, aor: str | None = None) -> int:
         """Remove the tunnel(s) of an AoR (default: the R-URI's contact, or for a reply the
         contact its REGISTER came from). On a reply the SAs stay until it has left."""
+        _forget_lookups(msg)
         if aor:
             found = self.store.find_by_aor(aor)
         elif not msg.is_request():
@@ -650,6 +672,7 @@ class Module:
     @kemi_function
     def ipsec_destroy_by_contact(self, msg: Message, domain: str, aor: str, recv_host: str,
                                  recv_port: int | str) -> int:
+        _forget_lookups(msg)
         c = self.store.find_by_aor_received(aor, recv_host, int(recv_port))
         if c is None:
             raise Refused(f"no contact {aor} received from {recv_host}:{recv_port}")

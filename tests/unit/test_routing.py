@@ -14,7 +14,7 @@ import pytest
 import KSR
 from ipsec.sipuri import Address
 from ipsec.xfrm import structs as k
-from scenario import (AOR, CK, CORE, IK, OFFER, PCSCF, PORT_UC, PORT_US, UE, FakeKernel,
+from scenario import (AOR, CK, CORE, DOMAIN, IK, OFFER, PCSCF, PORT_UC, PORT_US, UE, FakeKernel,
                       challenge, defines, register, reply_to, request, server_param)
 
 SEC_AGREE = ("Security-Client", "Security-Verify")
@@ -457,6 +457,34 @@ def test_mt_requests_follow_the_contact_of_a_rekey_with_new_ports(pcscf):
     assert relay.dst_uri == f"sip:{UE}:32001"
     assert relay.send_socket == f"udp:{PCSCF}:{server_param(new, 'port-c')}"
     assert contact(pcscf).uri == f"sip:alice@{UE}:32001"
+
+
+def test_an_initial_mt_request_reads_the_store_once(pcscf, monkeypatch):
+    """The record-route's look-up and ipsec_forward's are one: each store read is two locking
+    system calls and a page read per page after another worker's commit."""
+    pcscf.registered()
+    reads = []
+    real = pcscf.module.store.find_by_uri
+    monkeypatch.setattr(pcscf.module.store, "find_by_uri",
+                        lambda *a, **kw: reads.append(a) or real(*a, **kw))
+    rec = pcscf.request(request("INVITE", f"sip:alice@{UE}:5060", via=f"{CORE}:5060"),
+                        source=(CORE, 5060, "udp"))
+    (relay,) = rec.relays
+    assert relay.record_route and relay.dst_uri == f"sip:{UE}:{PORT_US}"
+    assert len(reads) == 1
+
+
+def test_a_store_change_forgets_what_the_message_looked_up(pcscf):
+    """A script that destroys a contact and then forwards the same request must not reach the
+    phone through SAs the memo remembered."""
+    pcscf.registered()
+    KSR._load_request(request("MESSAGE", f"sip:alice@{UE}:5060", via=f"{CORE}:5060"),
+                      (CORE, 5060, "udp"), (PCSCF, 5060))
+    from kemi.message import KsrMessage
+    msg = KsrMessage()
+    assert pcscf.module.contact_for_request(msg) is not None
+    assert pcscf.module.ipsec_destroy(msg, DOMAIN, AOR) == 1
+    assert pcscf.module.ipsec_forward(msg, DOMAIN) == -1
 
 
 def test_mt_requests_use_the_transport_the_phone_registered_with(pcscf):
