@@ -70,7 +70,7 @@ def test_files_are_private_even_with_a_permissive_umask(tmp_path):
 def test_schema_has_a_version_and_wal(store):
     store.lease()
     db = sqlite3.connect(store.path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (7,)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (8,)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     db.close()
 
@@ -167,9 +167,14 @@ def test_a_version_2_file_is_upgraded_in_place_keeping_its_phones(tmp_path):
     assert s._db().execute(count).fetchone() == (2,)  # v6: counted at the upgrade
     assert not s.release(Lease(1004, 1005, 5100, 5200)) and s.release(alice.tunnel.lease)
     assert s._db().execute(count).fetchone() == (1,)
-    assert s._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (7,)
+    assert s._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (8,)
     s.register(bob.id, time.time() + 600, uri=bob.uri, received=bob.received, through=None)
     assert s.renewals_due(10) == [(bob.id, 1)]  # v7: the sweep's renewal requests
+    for name, column in (("contacts_tunnel", "tunnel_id"),
+                         ("contacts_pending_tunnel", "pending_tunnel_id")):  # v8: partial
+        (sql,) = s._db().execute("SELECT sql FROM sqlite_master WHERE name = ?",
+                                 (name,)).fetchone()
+        assert sql.endswith(f"WHERE {column} IS NOT NULL")
     s.close()
 
 
