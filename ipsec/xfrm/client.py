@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from .. import forks
-from . import codec
+from . import codec, mrecv
 from . import structs as k
 from .errors import XfrmError, XfrmNotFound, xfrm_error
 from .model import SA, Dir, Policy, PolicyId, PolicyInfo, SAId, SAInfo, Selector
@@ -61,6 +61,8 @@ class Xfrm:
         self._gen = -1
         self._seq = 0
         self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._multi: mrecv.Receiver | None = None  # made on the first look-up batch
 
     def close(self) -> None:
         if self._sock is not None:
@@ -185,32 +187,44 @@ class Xfrm:
         replies: dict[int, PolicyInfo | SAInfo] | None = None,
     ) -> None:
         last = end - start - 1  # its ACK (or error) is the chunk's last answer: see _send_chunk
-        view = memoryview(self._buf)
         unpack = codec.HDR.unpack_from
         done = False
         while not done:
-            n = sock.recv_into(self._buf)
-            off = 0
-            while off + codec.HDR.size <= n:
-                length, msg_type, flags, seq, _ = unpack(view, off)
-                k_ = seq - base - 1
-                if msg_type == k.NLMSG_ERROR and 0 <= k_ <= last:
-                    err, detail = codec.ack_error(view, off, length, flags)
-                    if err:
-                        req = requests[start + k_]
-                        results[start + k_] = xfrm_error(req.op, err, req.what, detail)
-                    done = done or k_ == last
-                elif (msg_type == k.XFRM_MSG_NEWPOLICY and replies is not None
-                      and 0 <= k_ <= last):
-                    replies[start + k_] = codec.decode_policy(
-                        view, off + codec.HDR.size, off + length)
-                elif (msg_type == k.XFRM_MSG_NEWSA and replies is not None
-                      and 0 <= k_ <= last):
-                    replies[start + k_] = codec.decode_sa(
-                        view, off + codec.HDR.size, off + length)
-                off += (length + 3) & ~3
-                if length < codec.HDR.size:
-                    break
+            for off, stop, view in self._datagrams(sock, replies is not None):
+                while off + codec.HDR.size <= stop:
+                    length, msg_type, flags, seq, _ = unpack(view, off)
+                    k_ = seq - base - 1
+                    if msg_type == k.NLMSG_ERROR and 0 <= k_ <= last:
+                        err, detail = codec.ack_error(view, off, length, flags)
+                        if err:
+                            req = requests[start + k_]
+                            results[start + k_] = xfrm_error(req.op, err, req.what, detail)
+                        done = done or k_ == last
+                    elif (msg_type == k.XFRM_MSG_NEWPOLICY and replies is not None
+                          and 0 <= k_ <= last):
+                        replies[start + k_] = codec.decode_policy(
+                            view, off + codec.HDR.size, off + length)
+                    elif (msg_type == k.XFRM_MSG_NEWSA and replies is not None
+                          and 0 <= k_ <= last):
+                        replies[start + k_] = codec.decode_sa(
+                            view, off + codec.HDR.size, off + length)
+                    off += (length + 3) & ~3
+                    if length < codec.HDR.size:
+                        break
+
+    def _datagrams(self, sock: socket.socket, many: bool
+                   ) -> Iterator[tuple[int, int, memoryview]]:
+        """The next datagram(s): (start, end, view). A look-up batch is answered one datagram
+        per entry, so `many` reads all that are queued in one recvmmsg (ipsec/xfrm/mrecv.py);
+        an ACK-only batch has one datagram per chunk, read with recv."""
+        if many:
+            if self._multi is None:
+                self._multi = mrecv.Receiver()
+            view = self._multi.view
+            for off, length in self._multi.receive(sock):
+                yield off, off + length, view
+        else:
+            yield 0, sock.recv_into(self._buf), self._view
 
     def _one(self, request: codec.Request) -> None:
         (error,) = self.batch([request])
