@@ -20,6 +20,7 @@ from ipsec.xfrm import Dir  # noqa: E402
 from ipsec.xfrm import structs as k  # noqa: E402
 from tools.load import sip  # noqa: E402
 from tools.load.engine import PhaseResult  # noqa: E402
+from tools.load.report import Report  # noqa: E402
 from tools.load.scenario import process_cpu  # noqa: E402
 from tools.load.scscf import Scscf  # noqa: E402
 from tools.load.spy import calls_per_step  # noqa: E402
@@ -170,6 +171,28 @@ def test_percentiles_are_nearest_rank_over_successes():
     assert (r.ok, r.rate) == (100, 50.0)
     assert (r.percentile(0.5), r.percentile(0.99), r.percentile(1.0)) == (0.05, 0.099, 0.1)
     assert PhaseResult("empty", 3).percentile(0.5) == 0.0
+
+
+def _timed(name: str, rate: float) -> PhaseResult:
+    """100 successes in 100/rate seconds."""
+    return PhaseResult(name, 100, latencies={i: 0.01 for i in range(100)}, busy=100 / rate)
+
+
+def test_the_ratio_is_taken_against_the_median_relay_round():
+    r = Report()
+    r.add(_timed("IPsec 401 step", 200))
+    r.two_step("IPsec", _timed("IPsec 401 step", 200), _timed("IPsec protected REGISTER", 200))
+    for n, rate in enumerate((800, 400, 600), 1):  # a burst slowed round 2
+        r.two_step(f"relay #{n}", _timed(f"relay 401 step #{n}", rate),
+                   _timed(f"relay REGISTER #{n}", rate), relay_round=True)
+    ratios, what = r.ratios()
+    assert ratios == pytest.approx({"401 step": 200 / 600, "two-step": 100 / 300})
+    assert what == "relay: the median of 3 rounds (401 step 400-800/s, two-step 200-400/s)"
+    one = Report()
+    one.add(_timed("IPsec 401 step", 200))
+    one.two_step("relay", _timed("relay 401 step", 800), _timed("relay REGISTER", 800),
+                 relay_round=True)
+    assert one.ratios() == ({"401 step": 0.25}, "relay: one round")
 
 
 STRACE_TABLE = """\

@@ -52,6 +52,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--relay-cfg", metavar="CFG", default=str(ROOT / "tools" / "load" / "relay.cfg"),
                     help="the reference relay's cfg (default tools/load/relay.cfg; "
                          "tools/load/kemi_relay.cfg relays through a KEMI Python script)")
+    ap.add_argument("--relay-rounds", type=int, default=1,
+                    help="times the reference relay's two phases run, 6 s apart; the ratio is "
+                         "taken against the median round (default 1: a cold relay against a "
+                         "cold P-CSCF, as every published figure)")
     ap.add_argument("--py-spy", action="store_true",
                     help="sample Kamailio with py-spy during each timed phase (one file per phase "
                          "in the run dir's py-spy/, kept with --keep) and print where time went")
@@ -62,6 +66,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--keep", metavar="DIR",
                     help="copy the run dir (Kamailio logs, store) to DIR (absolute) at the end")
     opts = ap.parse_args(argv)
+    if opts.relay_rounds < 1:
+        ap.error("--relay-rounds: at least 1")
     if not 1 <= opts.phones <= MAX_PHONES or opts.in_flight < 1:
         ap.error(f"--phones: 1..{MAX_PHONES}; --in-flight: at least 1")
     if not is_valid_pair(opts.alg, opts.ealg):
@@ -147,7 +153,7 @@ def main(argv: list[str]) -> int:
                                    "NEXT_HOP": f'"sip:{link.pcscf}:{SCSCF_PORT}"',
                                    "KEMI_RELAY": f'"{ROOT / "tools" / "load" / "kemi_relay.py"}"'})
         kamailios.append(relay)
-        relay_phases(engine, link, phones, relay, opts.in_flight, report)
+        relay_phases(engine, link, phones, relay, opts.in_flight, report, opts.relay_rounds)
     except RuntimeError as e:
         say(f"load: the rig failed: {e}")
         report.broken = str(e)

@@ -40,6 +40,7 @@ class Report:
     def __init__(self) -> None:
         self.phases: list[PhaseResult] = []
         self.two_steps: dict[str, PhaseResult] = {}
+        self.relay_rounds: list[tuple[PhaseResult, PhaseResult]] = []  # (401 step, two-step)
         self.esp_lines: list[str] = []
         self.esp_failures: Counter[str] = Counter()
         self.broken = ""
@@ -51,8 +52,30 @@ class Report:
     def add(self, result: PhaseResult) -> None:
         self.phases.append(result)
 
-    def two_step(self, label: str, first: PhaseResult, second: PhaseResult) -> None:
-        self.two_steps[label] = two_step(f"{label} two-step (401 + 200)", first, second)
+    def two_step(self, label: str, first: PhaseResult, second: PhaseResult,
+                 relay_round: bool = False) -> None:
+        both = self.two_steps[label] = two_step(f"{label} two-step (401 + 200)", first, second)
+        if relay_round:
+            self.relay_rounds.append((first, both))
+
+    def ratios(self) -> tuple[dict[str, float], str]:
+        """IPsec rate / relay rate for the 401 step and the two-step, each against the relay
+        round of median rate; and what the reference was."""
+        ipsec = {"401 step": next((r for r in self.phases if r.name == "IPsec 401 step"), None),
+                 "two-step": self.two_steps.get("IPsec")}
+        out: dict[str, float] = {}
+        spans = []
+        for i, (label, mine) in enumerate(ipsec.items()):
+            rates = sorted(pair[i].rate for pair in self.relay_rounds if pair[i].rate > 0)
+            if mine is None or not rates:
+                continue
+            out[label] = mine.rate / rates[(len(rates) - 1) // 2]
+            spans.append(f"{label} {rates[0]:.0f}-{rates[-1]:.0f}/s" if len(rates) > 1
+                         else f"{label} {rates[0]:.0f}/s")
+        rounds = len(self.relay_rounds)
+        what = (f"relay: the median of {rounds} rounds ({', '.join(spans)})" if rounds > 1
+                else "relay: one round")
+        return out, what
 
     def esp(self, when: str, counters: dict[tuple[str, int], int], failures: Counter[str]) -> None:
         used = sum(1 for n in counters.values() if n)
@@ -93,13 +116,11 @@ class Report:
             self._print_log(k, log_dir)
 
     def _print_ratios(self) -> None:
-        by_name = {r.name: r for r in self.phases}
-        pairs = [("401 step", by_name.get("IPsec 401 step"), by_name.get("relay 401 step")),
-                 ("two-step", self.two_steps.get("IPsec"), self.two_steps.get("relay"))]
-        parts = [f"{label} {a.rate / b.rate:.2f}" for label, a, b in pairs
-                 if a is not None and b is not None and b.rate > 0]
-        if parts:
-            print("\nIPsec / relay rate: " + ", ".join(parts))
+        found, what = self.ratios()
+        if found:
+            print("\nIPsec / relay rate: "
+                  + ", ".join(f"{label} {ratio:.2f}" for label, ratio in found.items())
+                  + f" ({what})")
 
     def _print_failures(self) -> None:
         total = Counter()
