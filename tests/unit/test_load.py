@@ -435,3 +435,14 @@ def test_the_watchdog_ends_a_phase_whose_proxy_died(loop):
     engine.watchdog = dead
     with pytest.raises(RuntimeError, match="kamailio exited"):
         engine.run_phase("relay 401 step", phones, Phone.start_relay_challenge, 2)
+
+
+def test_warm_up_and_relay_rounds_are_checked_and_default_to_the_cold_comparison():
+    from tools.load.__main__ import parse
+    opts = parse([])
+    assert (opts.warm_up, opts.relay_rounds) == (0, 1)
+    opts = parse(["--warm-up", "200", "--relay-rounds", "3", "-n", "1000"])
+    assert (opts.warm_up, opts.relay_rounds, opts.phones) == (200, 3, 1000)
+    for bad in (["--relay-rounds", "0"], ["--warm-up", "-1"], ["-n", "60000", "--warm-up", "1"]):
+        with pytest.raises(SystemExit):
+            parse(bad)

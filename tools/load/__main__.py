@@ -56,6 +56,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="times the reference relay's two phases run, 6 s apart; the ratio is "
                          "taken against the median round (default 1: a cold relay against a "
                          "cold P-CSCF, as every published figure)")
+    ap.add_argument("--warm-up", type=int, default=0, metavar="M",
+                    help="M more phones register first, untimed, on both Kamailios, so that "
+                         "the timed phases measure warm ones (default 0: cold, as every "
+                         "published figure)")
     ap.add_argument("--py-spy", action="store_true",
                     help="sample Kamailio with py-spy during each timed phase (one file per phase "
                          "in the run dir's py-spy/, kept with --keep) and print where time went")
@@ -68,8 +72,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     opts = ap.parse_args(argv)
     if opts.relay_rounds < 1:
         ap.error("--relay-rounds: at least 1")
-    if not 1 <= opts.phones <= MAX_PHONES or opts.in_flight < 1:
-        ap.error(f"--phones: 1..{MAX_PHONES}; --in-flight: at least 1")
+    if not 1 <= opts.phones <= MAX_PHONES - max(opts.warm_up, 0) or opts.in_flight < 1:
+        ap.error(f"--phones (with --warm-up): 1..{MAX_PHONES}; --in-flight: at least 1")
+    if opts.warm_up < 0:
+        ap.error("--warm-up: 0 or more")
     if not is_valid_pair(opts.alg, opts.ealg):
         ap.error(f"not a valid alg/ealg pair: {opts.alg}/{opts.ealg}")
     if opts.keep and not os.path.isabs(opts.keep):
@@ -85,7 +91,8 @@ def pcscf_defines(opts: argparse.Namespace, address: str, run_dir: Path) -> dict
         "NEXT_HOP": f'"sip:{address}:{SCSCF_PORT}"', "RUN_DIR": f'"{run_dir}"',
         "CHILDREN": str(opts.children), "IPSEC_MAX_CONNECTIONS": str(opts.max_connections),
         "IPSEC_CLIENT_PORT": "5100", "IPSEC_SERVER_PORT": "5300",
-        "IPSEC_SPI_ID_START": "4096", "IPSEC_SPI_ID_RANGE": str(8 * opts.phones + 1000),
+        "IPSEC_SPI_ID_START": "4096",
+        "IPSEC_SPI_ID_RANGE": str(8 * (opts.phones + opts.warm_up) + 1000),
     }
     for item in opts.define:
         name, _, value = item.partition("=")
@@ -129,7 +136,7 @@ def main(argv: list[str]) -> int:
         f"IPSEC_MAX_CONNECTIONS={opts.max_connections}, offer {opts.alg}/{opts.ealg}, "
         f"timeout {opts.timeout:g} s")
     t0 = time.monotonic()
-    link = make_link(f"load{os.getpid()}", opts.phones)
+    link = make_link(f"load{os.getpid()}", opts.phones + opts.warm_up)
     xfrm = Xfrm(netns=link.ue)
     engine = Engine(link.pcscf, opts.timeout, xfrm)
     report = Report()
@@ -138,22 +145,24 @@ def main(argv: list[str]) -> int:
     if opts.strace:
         scenario.STRACE = Strace(run_dir / "strace")
     kamailios: list[Kamailio] = []
-    phones: list[Phone] = []
+    everyone: list[Phone] = []
     try:
-        phones = make_phones(engine, link, offer)
+        everyone = make_phones(engine, link, offer)
+        warm, phones = everyone[:opts.warm_up], everyone[opts.warm_up:]
         make_stub(engine, link)
-        say(f"rig ready: {len(phones)} phone addresses and {4 * len(phones)} sockets "
+        say(f"rig ready: {len(everyone)} phone addresses and {4 * len(everyone)} sockets "
             f"({time.monotonic() - t0:.1f} s)")
         pcscf = Kamailio(link.pc, link.pcscf, ROOT / "kamailio.cfg", run_dir, "pcscf",
                          pcscf_defines(opts, link.pcscf, run_dir))
         kamailios.append(pcscf)
-        ipsec_phases(engine, link, phones, pcscf, opts.in_flight, report)
+        ipsec_phases(engine, link, phones, pcscf, opts.in_flight, report, warm)
         relay = Kamailio(link.pc, link.pcscf, Path(opts.relay_cfg).resolve(), run_dir,
                          "relay", {"PCSCF_IP": link.pcscf, "CHILDREN": str(opts.children),
                                    "NEXT_HOP": f'"sip:{link.pcscf}:{SCSCF_PORT}"',
                                    "KEMI_RELAY": f'"{ROOT / "tools" / "load" / "kemi_relay.py"}"'})
         kamailios.append(relay)
-        relay_phases(engine, link, phones, relay, opts.in_flight, report, opts.relay_rounds)
+        relay_phases(engine, link, phones, relay, opts.in_flight, report, opts.relay_rounds,
+                     warm)
     except RuntimeError as e:
         say(f"load: the rig failed: {e}")
         report.broken = str(e)
@@ -162,7 +171,7 @@ def main(argv: list[str]) -> int:
             k.stop()
         engine.close()
         xfrm.close()
-        for p in phones:
+        for p in everyone:
             for s in p.socks.values():
                 s.close()
         drop_link(link)

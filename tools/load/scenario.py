@@ -88,12 +88,22 @@ def process_cpu(pids: list[int]) -> tuple[float, float]:
 
 
 def ipsec_phases(engine: Engine, link: Link, phones: list[Phone], pcscf: Kamailio,
-                 in_flight: int, report: Report) -> None:
+                 in_flight: int, report: Report, warm: list[Phone] | None = None) -> None:
+    """`warm`: phones that register first, untimed, so that the timed phases find the
+    P-CSCF as a running one is (its workers' first requests and Kamailio's first touches of
+    its shared memory paid); they stay registered, out of every later phase and check."""
     global _watched
     took = pcscf.start()
     _watched = pcscf
     engine.watchdog = pcscf.check_alive
     say(f"P-CSCF (kamailio.cfg) up: {len(pcscf.processes())} processes, {took:.1f} s")
+    if warm:
+        phase(engine, report, "IPsec warm-up 401 step (untimed)", warm, Phone.start_challenge,
+              in_flight, timed=False)
+        phase(engine, report, "IPsec warm-up SAs (untimed)", alive(warm), Phone.start_install,
+              max(1, len(alive(warm))), timed=False)
+        phase(engine, report, "IPsec warm-up protected REGISTER (untimed)", alive(warm),
+              Phone.start_authenticate, in_flight, timed=False)
     first = phase(engine, report, "IPsec 401 step", phones, Phone.start_challenge, in_flight)
     ready = alive(phones)
     phase(engine, report, "IPsec phones' SAs (untimed)", ready, Phone.start_install, max(1, len(ready)),
@@ -136,14 +146,15 @@ RELAY_ROUND_PAUSE = 6.0  # s between relay rounds: TM frees a round's transactio
 
 
 def relay_phases(engine: Engine, link: Link, phones: list[Phone], relay: Kamailio,
-                 in_flight: int, report: Report, rounds: int = 1) -> None:
+                 in_flight: int, report: Report, rounds: int = 1,
+                 warm: list[Phone] | None = None) -> None:
     """The reference, `rounds` times over (the report takes the median round's rate). One
     round, the default, compares a cold relay with a cold P-CSCF, as every earlier figure
     did; more rounds show the relay warming up (its first touches of Kamailio's shared
     memory are page faults, ~180 us each in UML), and a pause between them lets TM free the
     last round's transactions (without it, the fourth round of 1,000 phones ran the 64 MB
     pool out)."""
-    for p in phones:
+    for p in [*phones, *(warm or [])]:
         p.forget_failure()
     flush_xfrm(link)
     global _watched
@@ -151,6 +162,12 @@ def relay_phases(engine: Engine, link: Link, phones: list[Phone], relay: Kamaili
     _watched = relay
     engine.watchdog = relay.check_alive
     say(f"relay (tools/load/relay.cfg) up: {len(relay.processes())} processes, {took:.1f} s")
+    if warm:
+        phase(engine, report, "relay warm-up 401 step (untimed)", warm,
+              Phone.start_relay_challenge, in_flight, timed=False)
+        phase(engine, report, "relay warm-up REGISTER (untimed)", alive(warm),
+              Phone.start_relay_authenticate, in_flight, timed=False)
+        time.sleep(RELAY_ROUND_PAUSE)
     for n in range(1, rounds + 1):
         tag = f" #{n}" if rounds > 1 else ""
         if n > 1:
