@@ -12,7 +12,6 @@ land in them, so a process that never looks up more than a few entries pays for 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -39,8 +38,16 @@ class _MMsgHdr(ctypes.Structure):
     _fields_ = [("hdr", _MsgHdr), ("len", ctypes.c_uint)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_recvmmsg = _libc.recvmmsg
+def _libc() -> ctypes.CDLL:
+    """The C library already loaded in this process (Kamailio's, or Python's): no search
+    (ctypes.util.find_library runs `ldconfig -p`, a child process, in Kamailio's start)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc: the symbols of what this process already has loaded
+        return ctypes.CDLL(None, use_errno=True)
+
+
+_recvmmsg = _libc().recvmmsg
 _recvmmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MMsgHdr), ctypes.c_uint, ctypes.c_int,
                       ctypes.c_void_p]
 _recvmmsg.restype = ctypes.c_int
