@@ -14,7 +14,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, TypeVar
 
 from . import (challenge, counters as stat, headers, identities, lifetimes, limits as flood,
                reconcile, renewals, secagree, tunnel as kernel, warm)
@@ -26,6 +26,8 @@ from .sipuri import Address, SipUriError, hostport, parse_uri
 from .store import (PENDING, REGISTERED, Binding, Contact, Lease, SpiExhausted, Store,
                     StoreError, Tunnel, UeLocks, UeSide)
 from .xfrm import SA, Lifetime, Xfrm, XfrmError, XfrmExists
+
+T = TypeVar("T")
 
 # ipsec_create flags
 CREATE_DELETE_UNUSED = 0x01
@@ -115,14 +117,6 @@ def _failure_cause(e: Exception) -> str:
     if isinstance(e, (XfrmError, AlgorithmError)):
         return stat.KERNEL
     return stat.INTERNAL
-
-
-def _forget_lookups(msg: object) -> None:
-    """A function that changes the store drops the look-ups this message memoised, so a
-    script that calls ipsec_forward after it on the same message reads the store anew."""
-    memo = getattr(msg, "memo", None)
-    if memo is not None:
-        memo.clear()
 
 
 def kemi_function(fn: Callable[..., int]) -> Callable[..., int]:
@@ -233,14 +227,23 @@ class Module:
     def tunnel_contact(self, req: RequestView) -> Contact | None:
         """The contact whose SAs this request came through, with `tunnel` = those SAs (its
         tunnel in use, or the pending one of a re-registration: the pair must be theirs).
+        Looked up once per message (`_memoised`)."""
+        return self._memoised(req, "tunnel_contact", lambda: self._find_tunnel_contact(req))
 
-        Looked up once per message: a message object with a `memo` dict keeps the answer."""
-        memo = getattr(req, "memo", None)
-        if memo is not None and "tunnel_contact" in memo:
-            return memo["tunnel_contact"]
-        found = self._find_tunnel_contact(req)
-        if memo is not None:
-            memo["tunnel_contact"] = found
+    def _memoised(self, msg: object, key: str, look_up: Callable[[], T]) -> T:
+        """`look_up()`, kept in the message's `memo` dict (if it has one) until this process
+        changes the store: the routing script and the functions it calls ask the same
+        question of one message several times, and each answer is a read transaction; a
+        script that destroys a contact and then forwards the same request reads anew."""
+        memo = getattr(msg, "memo", None)
+        if memo is None:
+            return look_up()
+        changes = self.store.changes()
+        kept = memo.get(key)
+        if kept is not None and kept[0] == changes and changes >= 0:
+            return kept[1]
+        found = look_up()
+        memo[key] = (self.store.changes(), found)
         return found
 
     def _find_tunnel_contact(self, req: RequestView) -> Contact | None:
@@ -264,7 +267,6 @@ class Module:
     @kemi_function
     def save_pending(self, msg: Message, domain: str) -> int:
         """An unprotected REGISTER from a phone: remember its contact until the 200 OK."""
-        _forget_lookups(msg)
         found = headers.contacts(msg.header("Contact"))
         if not found or found[0][0] == "*":
             raise Refused("REGISTER without a contact to protect")
@@ -281,7 +283,6 @@ class Module:
         names the phone's new protected server port there) over the REGISTER's transport.
         A REGISTER that came through the pending SAs confirms them (33.203 7.4), in the same
         transaction; the old SAs go."""
-        _forget_lookups(msg)
         req = msg.request()
         noted = _noted_tunnel(msg)
         if noted is not None:
@@ -365,7 +366,6 @@ class Module:
         An unprotected REGISTER's contact is saved here, in the transaction that stages its
         tunnel (save_pending before is not needed): nothing is written for a REGISTER the
         core does not challenge."""
-        _forget_lookups(msg)
         if flags & CREATE_DELETE_UNUSED:
             self._remove_unused()
         req = msg.request()
@@ -581,22 +581,19 @@ class Module:
         URI no phone can have registered (tel:, unreadable): the caller answers as for an
         unknown phone.
 
-        Looked up once per message and flags, as `tunnel_contact` is: the routing script reads
-        it for the record-route of an initial request to a phone, then ipsec_forward again."""
-        memo = getattr(msg, "memo", None)
-        key = f"contact_for_request {flags}"
-        if memo is not None and key in memo:
-            return memo[key]
+        Looked up once per message and flags (`_memoised`): the routing script reads it for
+        the record-route of an initial request to a phone, then ipsec_forward again."""
+        return self._memoised(msg, f"contact_for_request {flags}",
+                              lambda: self._contact_for(msg, flags))
+
+    def _contact_for(self, msg: RequestView, flags: int) -> Contact | None:
         try:
-            found = self.store.find_by_uri(self._search_uri(msg, flags),
-                                           use_alias=not flags & NO_ALIAS,
-                                           newest_first=not flags & REVERSE_SEARCH,
-                                           aor=_to_aor(msg))
+            return self.store.find_by_uri(self._search_uri(msg, flags),
+                                          use_alias=not flags & NO_ALIAS,
+                                          newest_first=not flags & REVERSE_SEARCH,
+                                          aor=_to_aor(msg))
         except SipUriError:
-            found = None
-        if memo is not None:
-            memo[key] = found
-        return found
+            return None
 
     def _reply_path(self, msg: Message, flags: int) -> int:
         contact = self.tunnel_contact(msg)
@@ -654,7 +651,6 @@ class Module:
     def ipsec_destroy(self, msg: Message, domain: str, aor: str | None = None) -> int:
         """Remove the tunnel(s) of an AoR (default: the R-URI's contact, or for a reply the
         contact its REGISTER came from). On a reply the SAs stay until it has left."""
-        _forget_lookups(msg)
         if aor:
             found = self.store.find_by_aor(aor)
         elif not msg.is_request():
@@ -672,7 +668,6 @@ class Module:
     @kemi_function
     def ipsec_destroy_by_contact(self, msg: Message, domain: str, aor: str, recv_host: str,
                                  recv_port: int | str) -> int:
-        _forget_lookups(msg)
         c = self.store.find_by_aor_received(aor, recv_host, int(recv_port))
         if c is None:
             raise Refused(f"no contact {aor} received from {recv_host}:{recv_port}")

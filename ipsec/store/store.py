@@ -104,6 +104,14 @@ class Store:
         self._conn, self._gen = conn, forks.generation()
         return conn
 
+    def changes(self) -> int:
+        """Rows this process's connection has changed so far (SQLite's total_changes: no I/O),
+        so that a memo of a look-up knows whether this process wrote since; -1 before it has a
+        connection of its own."""
+        if self._conn is None or self._gen != forks.generation():
+            return -1
+        return self._conn.total_changes
+
     def _drop_inherited(self) -> None:
         if self._conn is not None and self._gen != forks.generation():
             _inherited.append(self._conn)

@@ -487,6 +487,20 @@ def test_a_store_change_forgets_what_the_message_looked_up(pcscf):
     assert pcscf.module.ipsec_forward(msg, DOMAIN) == -1
 
 
+def test_any_store_change_of_this_process_forgets_the_memoised_look_ups(pcscf):
+    """The memo follows the store, not a list of functions: a contact removed by a path that
+    is none of the KEMI functions (here the store itself) is gone for the next look-up."""
+    pcscf.registered()
+    KSR._load_request(request("MESSAGE", f"sip:bob@{CORE}", via=f"{UE}:{PORT_UC}"),
+                      (UE, PORT_UC, "udp"), (PCSCF, 5200))
+    from kemi.message import KsrMessage
+    msg = KsrMessage()
+    found = pcscf.module.tunnel_contact(msg)
+    assert found is not None and pcscf.module.tunnel_contact(msg) is found  # memoised
+    pcscf.module.store.delete_contacts([found.id])
+    assert pcscf.module.tunnel_contact(msg) is None
+
+
 def test_mt_requests_use_the_transport_the_phone_registered_with(pcscf):
     """First REGISTER over UDP, then TCP on its protected ports with ;transport=tcp: MT requests
     go over TCP (before: over UDP, the first REGISTER's protocol)."""
