@@ -267,7 +267,7 @@ class Xfrm:
         sock = self._socket()
         seq = self._next_seqs(1) + 1
         sock.send(codec.dump_request(msg_type, seq))
-        view = memoryview(self._buf)
+        view = self._view
         while True:
             n = sock.recv_into(self._buf)
             off = 0

@@ -6,8 +6,9 @@ is one `recv`: the sweep's renewals looked up 4 policies per phone, 4 system cal
 blocks for the first datagram and then takes every one already queued, up to COUNT, in the
 same call. Python's socket module has no recvmmsg: it is called through ctypes.
 
-The buffer is an anonymous mapping: its pages become the process's own only as datagrams
-land in them, so a process that never looks up more than a few entries pays for a few pages.
+The buffer is a private anonymous mapping: its pages become the process's own only as
+datagrams land in them, so a process that never looks up more than a few entries pays for a
+few pages, and a worker forked after a look-up writes its own copy.
 """
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ class Receiver:
 
     def __init__(self, count: int = COUNT, size: int = SIZE) -> None:
         self.count, self.size = count, size
-        self._area = mmap.mmap(-1, count * size)
+        # private: Python's default for an anonymous mapping is MAP_SHARED, which a fork
+        # would leave one buffer for a main process and every worker it forked
+        self._area = mmap.mmap(-1, count * size, flags=mmap.MAP_PRIVATE)
         self.view = memoryview(self._area)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._area))
         self._iov = (_IOVec * count)()
