@@ -127,3 +127,19 @@ def via_sent_by(value: str) -> tuple[str, int]:
 
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def stranger_register(user: str, host: str, port: int, security_client: str) -> bytes:
+    """A first, unprotected REGISTER with sec-agree from `host`:`port`, as any sender can
+    make one (the flood and overload tests' strangers): new Call-ID, branch and tag."""
+    aor = f"sip:{user}@ims.test"
+    m = Msg("REGISTER sip:ims.test SIP/2.0")
+    for name, value in (
+            ("Via", f"SIP/2.0/UDP {hostport(host, port)};branch=z9hG4bK{token()};rport"),
+            ("Max-Forwards", "70"), ("From", f"<{aor}>;tag={token()}"), ("To", f"<{aor}>"),
+            ("Call-ID", token()), ("CSeq", "1 REGISTER"),
+            ("Contact", f"<sip:{user}@{hostport(host, port)}>;expires=600"),
+            ("Supported", "path, sec-agree"), ("Require", "sec-agree"),
+            ("Proxy-Require", "sec-agree"), ("Security-Client", security_client)):
+        m.add(name, value)
+    return m.encode()

@@ -26,7 +26,7 @@ import pytest
 
 from esp_net import run
 from pcscf_net import Kamailio, Phone, _socket, pcscf_states
-from sip import Msg, hostport, parse, token
+from sip import parse, stranger_register, token
 
 FLOOD_HOSTS = [f"10.77.0.{i}" for i in range(100, 108)]
 PORTS_PER_HOST = 16
@@ -86,23 +86,11 @@ class Flood:
 
     def _register(self, s: socket.socket) -> bytes:
         host, port = s.getsockname()
-        n = self.sent
-        aor = f"sip:flood{n}@ims.test"
-        m = Msg("REGISTER sip:ims.test SIP/2.0")
-        for name, value in (
-                ("Via", f"SIP/2.0/UDP {hostport(host, port)};branch=z9hG4bK{token()};rport"),
-                ("Max-Forwards", "70"), ("From", f"<{aor}>;tag={token()}"), ("To", f"<{aor}>"),
-                ("Call-ID", token()), ("CSeq", "1 REGISTER"),
-                ("Contact", f"<sip:flood{n}@{hostport(host, port)}>;expires=600"),
-                ("Supported", "path, sec-agree"), ("Require", "sec-agree"),
-                ("Proxy-Require", "sec-agree"),
-                ("Security-Client", "ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;prot=esp;"
-                                    f"mod=trans;spi-c={random.randrange(1 << 20, 1 << 31)};"
-                                    f"spi-s={random.randrange(1 << 20, 1 << 31)};"
-                                    f"port-c={random.randrange(20000, 30000)};"
-                                    f"port-s={random.randrange(30000, 40000)}")):
-            m.add(name, value)
-        return m.encode()
+        return stranger_register(
+            f"flood{self.sent}", host, port,
+            "ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;prot=esp;mod=trans;"
+            f"spi-c={random.randrange(1 << 20, 1 << 31)};spi-s={random.randrange(1 << 20, 1 << 31)};"
+            f"port-c={random.randrange(20000, 30000)};port-s={random.randrange(30000, 40000)}")
 
     def _run(self) -> None:
         step = 0.02

@@ -21,7 +21,7 @@ import pytest
 
 from esp_net import run
 from pcscf_net import Kamailio, Phone, _socket
-from sip import Msg, hostport, parse, token
+from sip import parse, stranger_register, token
 
 BUSY_HOST = "10.77.0.130"
 BURST = 30
@@ -46,19 +46,9 @@ def _contacts(k: Kamailio, aor: str) -> int:
 
 
 def _register(n: int) -> bytes:
-    aor = f"sip:busy{n}@ims.test"
-    m = Msg("REGISTER sip:ims.test SIP/2.0")
-    for name, value in (
-            ("Via", f"SIP/2.0/UDP {hostport(BUSY_HOST, 5060)};branch=z9hG4bK{token()};rport"),
-            ("Max-Forwards", "70"), ("From", f"<{aor}>;tag={token()}"), ("To", f"<{aor}>"),
-            ("Call-ID", token()), ("CSeq", "1 REGISTER"),
-            ("Contact", f"<sip:busy{n}@{hostport(BUSY_HOST, 5060)}>;expires=600"),
-            ("Supported", "path, sec-agree"), ("Require", "sec-agree"),
-            ("Proxy-Require", "sec-agree"),
-            ("Security-Client", "ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;spi-c=7001;"
-                                f"spi-s=7002;port-c={20000 + n};port-s={30000 + n}")):
-        m.add(name, value)
-    return m.encode()
+    return stranger_register(f"busy{n}", BUSY_HOST, 5060,
+                             "ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;spi-c=7001;"
+                             f"spi-s=7002;port-c={20000 + n};port-s={30000 + n}")
 
 
 def test_each_branch_of_the_shedding(link, scscf, kamailio):
