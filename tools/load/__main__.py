@@ -67,6 +67,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="count every Kamailio process's system calls during each timed phase "
                          "(strace -c, which slows them: rates are then not comparable) and "
                          "print them per step")
+    ap.add_argument("--strace-log", action="store_true",
+                    help="as --strace, and keep every call of every process with its time "
+                         "(strace -ff: one file per process in the run dir's strace/, kept with "
+                         "--keep), to read what one step does in order")
     ap.add_argument("--keep", metavar="DIR",
                     help="copy the run dir (Kamailio logs, store) to DIR (absolute) at the end")
     opts = ap.parse_args(argv)
@@ -142,8 +146,8 @@ def main(argv: list[str]) -> int:
     report = Report()
     if opts.py_spy:
         scenario.SPY = Spy(run_dir / "py-spy")
-    if opts.strace:
-        scenario.STRACE = Strace(run_dir / "strace")
+    if opts.strace or opts.strace_log:
+        scenario.STRACE = Strace(run_dir / "strace", log=opts.strace_log)
     kamailios: list[Kamailio] = []
     everyone: list[Phone] = []
     try:

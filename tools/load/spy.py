@@ -49,8 +49,9 @@ class Strace:
     name and count. Inside User-mode Linux each one costs ~50 us (a clock read included: no
     vDSO there), so their count per request is most of what the P-CSCF costs there."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, log: bool = False) -> None:
         self.out = out
+        self.log = log  # every call of every process (strace -ff), beside the table
         self.proc: subprocess.Popen | None = None
         self.exe = shutil.which("strace")
         if self.exe is None:
@@ -62,6 +63,8 @@ class Strace:
     def start(self, pids: list[int], phase: str) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         args = [self.exe, "-c", "-q", "-o", str(self.table(phase))]
+        if self.log:  # each call of each process with its time, one file per process
+            args = [self.exe, "-q", "-ff", "-tt", "-T", "-s", "64", "-o", str(self.table(phase))]
         for pid in pids:
             args += ["-p", str(pid)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -76,11 +79,17 @@ class Strace:
 
 def calls_per_step(path: Path, steps: int) -> str:
     """strace -c's table as system calls per successful step, most frequent first."""
-    counts: dict[str, int] = {}
-    for line in path.read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
-            counts[fields[-1]] = int(fields[3])
+    counts: collections.Counter[str] = collections.Counter()
+    if path.exists():  # strace -c's table
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+                counts[fields[-1]] = int(fields[3])
+    for log in path.parent.glob(path.name + ".*"):  # strace -ff's logs: "TIME name(args) = ..."
+        for line in log.read_text(errors="replace").splitlines():
+            call = re.match(r"[\d:.]+ (\w+)\(", line)
+            if call:
+                counts[call.group(1)] += 1
     total = sum(counts.values())
     top = sorted(counts.items(), key=lambda kv: -kv[1])
     per = ", ".join(f"{name} {n / steps:.1f}" for name, n in top if n / steps >= 0.5)
