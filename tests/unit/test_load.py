@@ -215,6 +215,21 @@ def test_strace_tables_become_calls_per_step(tmp_path):
                                          "pread64 17.6, fcntl 11.2, pause 1.1")
 
 
+def test_strace_logs_of_each_process_become_calls_per_step(tmp_path):
+    """--strace-log: strace -ff writes PHASE.strace.PID per process, each call on its line
+    with its time; a call strace shows resumed or unfinished counts once."""
+    (tmp_path / "phase.strace.101").write_text(
+        '15:15:29.826708 recvfrom(5, "SIP/2.0 401"..., 65535, 0, NULL, NULL) = 547 <0.0006>\n'
+        "15:15:29.830138 fcntl(30, F_OFD_SETLKW, {l_type=F_WRLCK}) = 0 <0.0004>\n"
+        "15:15:29.831574 fcntl(31, F_OFD_SETLKW, {l_type=F_WRLCK} <unfinished ...>\n"
+        "15:15:29.863563 <... fcntl resumed>) = 0 <0.0303>\n")
+    (tmp_path / "phase.strace.102").write_text(
+        '15:15:29.9 pwrite64(27, "\\0\\0", 24, 869352) = 24 <0.0002>\n'
+        "15:15:29.9 +++ exited with 0 +++\n")
+    assert calls_per_step(tmp_path / "phase.strace", 2) == (
+        "2.0 system calls per step: fcntl 1.0, pwrite64 0.5, recvfrom 0.5")
+
+
 def test_kamailio_cpu_is_read_per_process_and_shown_per_step():
     user, system = process_cpu([os.getpid(), 2 ** 22 + 1])  # the second: no such process
     assert user > 0 and system >= 0

@@ -91,7 +91,7 @@ def calls_per_step(path: Path, steps: int) -> str:
             if call:
                 counts[call.group(1)] += 1
     total = sum(counts.values())
-    top = sorted(counts.items(), key=lambda kv: -kv[1])
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     per = ", ".join(f"{name} {n / steps:.1f}" for name, n in top if n / steps >= 0.5)
     return f"{total / steps:.1f} system calls per step: {per}"
 
