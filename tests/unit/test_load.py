@@ -21,7 +21,7 @@ from ipsec.xfrm import structs as k  # noqa: E402
 from tools.load import sip  # noqa: E402
 from tools.load.engine import PhaseResult  # noqa: E402
 from tools.load.report import Report  # noqa: E402
-from tools.load.scenario import process_cpu  # noqa: E402
+from tools.load.scenario import busiest, process_cpu  # noqa: E402
 from tools.load.scscf import Scscf  # noqa: E402
 from tools.load.spy import calls_per_step  # noqa: E402
 from tools.load.ue_ipsec import UeTunnel, aka, drop_requests, flows, install_requests, ue_algs  # noqa: E402
@@ -228,6 +228,12 @@ def test_strace_logs_of_each_process_become_calls_per_step(tmp_path):
         "15:15:29.9 +++ exited with 0 +++\n")
     assert calls_per_step(tmp_path / "phase.strace", 2) == (
         "2.0 system calls per step: fcntl 1.0, pwrite64 0.5, recvfrom 0.5")
+
+
+def test_the_busiest_processes_are_shown_per_step_most_first():
+    assert busiest({854: 1.85, 855: 1.89, 879: 0.04, 722: 0.0}, 1000) == (
+        "busiest Kamailio processes, ms of CPU per step: 855 1.89, 854 1.85, 879 0.04")
+    assert busiest({1: 0.0}, 10).endswith("none measurable")
 
 
 def test_kamailio_cpu_is_read_per_process_and_shown_per_step():

@@ -71,6 +71,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="as --strace, and keep every call of every process with its time "
                          "(strace -ff: one file per process in the run dir's strace/, kept with "
                          "--keep), to read what one step does in order")
+    ap.add_argument("--per-process", action="store_true",
+                    help="print each timed phase's busiest Kamailio processes (CPU per step "
+                         "by pid; the pids name processes in Kamailio's log)")
     ap.add_argument("--keep", metavar="DIR",
                     help="copy the run dir (Kamailio logs, store) to DIR (absolute) at the end")
     opts = ap.parse_args(argv)
@@ -146,6 +149,7 @@ def main(argv: list[str]) -> int:
     report = Report()
     if opts.py_spy:
         scenario.SPY = Spy(run_dir / "py-spy")
+    scenario.PER_PROCESS = opts.per_process
     if opts.strace or opts.strace_log:
         scenario.STRACE = Strace(run_dir / "strace", log=opts.strace_log)
     kamailios: list[Kamailio] = []

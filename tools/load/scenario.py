@@ -43,6 +43,7 @@ def alive(phones: list[Phone]) -> list[Phone]:
 # --py-spy: the profiler, and the Kamailio whose phases run now
 SPY: Spy | None = None
 STRACE: Strace | None = None  # --strace: system calls counted per phase
+PER_PROCESS = False  # --per-process: the busiest Kamailio processes of each phase
 _watched: Kamailio | None = None
 
 
@@ -56,6 +57,7 @@ def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
     if tracing:
         STRACE.start(pids, name)
     before = process_cpu(pids)
+    each_before = {pid: process_cpu([pid]) for pid in pids} if PER_PROCESS else {}
     try:
         result = engine.run_phase(name, phones, start, in_flight, timed)
     finally:
@@ -63,14 +65,26 @@ def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
             SPY.stop()
         if tracing:
             STRACE.stop()
+    spent: dict[int, float] = {}
     if pids:
         after = process_cpu(pids)
         result.server_cpu = (after[0] - before[0], after[1] - before[1])
+        spent = {pid: sum(process_cpu([pid])) - sum(cpu) for pid, cpu in each_before.items()}
     report.add(result)
     say(report.line(result))
+    if spent and result.ok:
+        say(f"  {name}: " + busiest(spent, result.ok))
     if tracing and result.ok:
         say(f"  {name}: Kamailio's " + calls_per_step(STRACE.table(name), result.ok))
     return result
+
+
+def busiest(spent: dict[int, float], steps: int, top: int = 5) -> str:
+    """The processes that used the most CPU (seconds by pid), per step: Kamailio's log names
+    each process by its pid (" 1(854) INFO: ...")."""
+    ranked = sorted(spent.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    shown = ", ".join(f"{pid} {1000 * cpu / steps:.2f}" for pid, cpu in ranked if cpu > 0)
+    return f"busiest Kamailio processes, ms of CPU per step: {shown or 'none measurable'}"
 
 
 def process_cpu(pids: list[int]) -> tuple[float, float]:
