@@ -107,7 +107,7 @@ MIGRATIONS = {
     6: ("CREATE TABLE renewals (contact_id INTEGER PRIMARY KEY"
         " REFERENCES contacts (id) ON DELETE CASCADE, seq INTEGER NOT NULL)",),
     # partial tunnel indexes: a new contact's challenge writes one index page fewer (each
-    # page is two pwrite and, after another worker's commit, a pread: ~55 us each in UML)
+    # page is two pwrite and, after another worker's commit, a pread)
     7: ("DROP INDEX contacts_tunnel",
         "DROP INDEX contacts_pending_tunnel",
         "CREATE INDEX contacts_tunnel ON contacts (tunnel_id) WHERE tunnel_id IS NOT NULL",

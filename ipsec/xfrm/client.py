@@ -12,8 +12,7 @@ re-opened when the process id changed, so no two processes ever share a netlink 
 
 An `Xfrm` belongs to one thread, as a socket does (Kamailio's workers have one). It takes no
 lock: CPython 3.11 reads CLOCK_MONOTONIC on every `threading.Lock` acquire, even an
-uncontended one, and in User-mode Linux that read is a system call (~50 us measured), as
-dear as the netlink send itself.
+uncontended one, and in User-mode Linux that read is a system call (no vDSO there).
 """
 from __future__ import annotations
 

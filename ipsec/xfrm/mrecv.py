@@ -2,7 +2,7 @@
 
 The kernel answers each GETSA / GETPOLICY of a batch in a datagram of its own, and a datagram
 is one `recv`: the sweep's renewals looked up 4 policies per phone, 4 system calls per phone
-(each ~55 us inside User-mode Linux, tools/syscall_cost.py). recvmmsg with MSG_WAITFORONE
+(each a round trip through the host inside User-mode Linux). recvmmsg with MSG_WAITFORONE
 blocks for the first datagram and then takes every one already queued, up to COUNT, in the
 same call. Python's socket module has no recvmmsg: it is called through ctypes.
 

@@ -79,10 +79,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     opts = ap.parse_args(argv)
     if opts.relay_rounds < 1:
         ap.error("--relay-rounds: at least 1")
-    if not 1 <= opts.phones <= MAX_PHONES - max(opts.warm_up, 0) or opts.in_flight < 1:
-        ap.error(f"--phones (with --warm-up): 1..{MAX_PHONES}; --in-flight: at least 1")
     if opts.warm_up < 0:
         ap.error("--warm-up: 0 or more")
+    if not 1 <= opts.phones <= MAX_PHONES - opts.warm_up or opts.in_flight < 1:
+        ap.error(f"--phones (with --warm-up): 1..{MAX_PHONES}; --in-flight: at least 1")
     if not is_valid_pair(opts.alg, opts.ealg):
         ap.error(f"not a valid alg/ealg pair: {opts.alg}/{opts.ealg}")
     if opts.keep and not os.path.isabs(opts.keep):

@@ -56,8 +56,7 @@ def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
     tracing = STRACE is not None and bool(pids)
     if tracing:
         STRACE.start(pids, name)
-    before = process_cpu(pids)
-    each_before = {pid: process_cpu([pid]) for pid in pids} if PER_PROCESS else {}
+    before = {pid: process_cpu([pid]) for pid in pids}
     try:
         result = engine.run_phase(name, phones, start, in_flight, timed)
     finally:
@@ -65,15 +64,15 @@ def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
             SPY.stop()
         if tracing:
             STRACE.stop()
-    spent: dict[int, float] = {}
+    spent: dict[int, tuple[float, float]] = {}
     if pids:
-        after = process_cpu(pids)
-        result.server_cpu = (after[0] - before[0], after[1] - before[1])
-        spent = {pid: sum(process_cpu([pid])) - sum(cpu) for pid, cpu in each_before.items()}
+        spent = {pid: tuple(a - b for a, b in zip(process_cpu([pid]), cpu))
+                 for pid, cpu in before.items()}
+        result.server_cpu = (sum(u for u, _ in spent.values()), sum(s for _, s in spent.values()))
     report.add(result)
     say(report.line(result))
-    if spent and result.ok:
-        say(f"  {name}: " + busiest(spent, result.ok))
+    if PER_PROCESS and spent and result.ok:
+        say(f"  {name}: " + busiest({pid: sum(cpu) for pid, cpu in spent.items()}, result.ok))
     if tracing and result.ok:
         say(f"  {name}: Kamailio's " + calls_per_step(STRACE.table(name), result.ok))
     return result
