@@ -21,7 +21,7 @@ from ipsec.xfrm import structs as k  # noqa: E402
 from tools.load import sip  # noqa: E402
 from tools.load.engine import PhaseResult  # noqa: E402
 from tools.load.report import Report  # noqa: E402
-from tools.load.scenario import busiest, process_cpu  # noqa: E402
+from tools.load.scenario import busiest, process_stat  # noqa: E402
 from tools.load.scscf import Scscf  # noqa: E402
 from tools.load.spy import calls_per_step  # noqa: E402
 from tools.load.ue_ipsec import UeTunnel, aka, drop_requests, flows, install_requests, ue_algs  # noqa: E402
@@ -234,13 +234,18 @@ def test_the_busiest_processes_are_shown_per_step_most_first():
     assert busiest({854: 1.85, 855: 1.89, 879: 0.04, 722: 0.0}, 1000) == (
         "busiest Kamailio processes, ms of CPU per step: 855 1.89, 854 1.85, 879 0.04")
     assert busiest({1: 0.0}, 10).endswith("none measurable")
+    assert busiest({854: 300, 855: 1200}, 100, what="page faults") == (
+        "busiest Kamailio processes, page faults per step: 855 12.0, 854 3.0")
 
 
 def test_kamailio_cpu_is_read_per_process_and_shown_per_step():
-    user, system = process_cpu([os.getpid(), 2 ** 22 + 1])  # the second: no such process
-    assert user > 0 and system >= 0
+    user, system, faults = process_stat(os.getpid())
+    assert user > 0 and system >= 0 and faults > 0
+    assert process_stat(2 ** 22 + 1) is None  # no such process
     r = PhaseResult("p", 4, latencies={i: 0.1 for i in range(4)}, server_cpu=(0.01, 0.002))
     assert r.server_ms() == ", Kamailio 2.50 + 0.50 ms CPU"
+    r.server_faults = 30
+    assert r.server_ms() == ", Kamailio 2.50 + 0.50 ms CPU, 7.5 page faults"
     assert PhaseResult("p", 4).server_ms() == ""
 
 

@@ -53,6 +53,7 @@ class PhaseResult:
     timed: bool = True
     # Kamailio's processes' CPU seconds during the phase, (user, system), when measured
     server_cpu: tuple[float, float] | None = None
+    server_faults: int | None = None  # their page faults during the phase, when measured
 
     @property
     def ok(self) -> int:
@@ -79,7 +80,10 @@ class PhaseResult:
         if self.server_cpu is None or not self.ok:
             return ""
         user, system = self.server_cpu
-        return f", Kamailio {1000 * user / self.ok:.2f} + {1000 * system / self.ok:.2f} ms CPU"
+        faults = ("" if self.server_faults is None
+                  else f", {self.server_faults / self.ok:.1f} page faults")
+        return (f", Kamailio {1000 * user / self.ok:.2f} + {1000 * system / self.ok:.2f} ms CPU"
+                f"{faults}")
 
     @property
     def cpu_share(self) -> float:

@@ -56,7 +56,7 @@ def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
     tracing = STRACE is not None and bool(pids)
     if tracing:
         STRACE.start(pids, name)
-    before = {pid: process_cpu([pid]) for pid in pids}
+    before = {pid: process_stat(pid) for pid in pids}
     try:
         result = engine.run_phase(name, phones, start, in_flight, timed)
     finally:
@@ -64,40 +64,45 @@ def phase(engine: Engine, report: Report, name: str, phones: list[Phone],
             SPY.stop()
         if tracing:
             STRACE.stop()
-    spent: dict[int, tuple[float, float]] = {}
+    spent: dict[int, tuple] = {}
     if pids:
-        spent = {pid: tuple(a - b for a, b in zip(process_cpu([pid]), cpu))
-                 for pid, cpu in before.items()}
-        result.server_cpu = (sum(u for u, _ in spent.values()), sum(s for _, s in spent.values()))
+        after = {pid: process_stat(pid) for pid in pids}
+        spent = {pid: tuple(a - b for a, b in zip(after[pid], stat))
+                 for pid, stat in before.items() if stat and after[pid]}
+        result.server_cpu = (sum(s[0] for s in spent.values()), sum(s[1] for s in spent.values()))
+        result.server_faults = sum(s[2] for s in spent.values())
     report.add(result)
     say(report.line(result))
     if PER_PROCESS and spent and result.ok:
-        say(f"  {name}: " + busiest({pid: sum(cpu) for pid, cpu in spent.items()}, result.ok))
+        say(f"  {name}: " + busiest({pid: s[0] + s[1] for pid, s in spent.items()}, result.ok))
+        say(f"  {name}: " + busiest({pid: s[2] for pid, s in spent.items()}, result.ok,
+                                    what="page faults"))
     if tracing and result.ok:
         say(f"  {name}: Kamailio's " + calls_per_step(STRACE.table(name), result.ok))
     return result
 
 
-def busiest(spent: dict[int, float], steps: int, top: int = 5) -> str:
-    """The processes that used the most CPU (seconds by pid), per step: Kamailio's log names
-    each process by its pid (" 1(854) INFO: ...")."""
+def busiest(spent: dict[int, float], steps: int, top: int = 5,
+            what: str = "ms of CPU") -> str:
+    """The processes that used the most CPU (seconds by pid) or took the most page faults
+    (`what="page faults"`), per step: Kamailio's log names each process by its pid
+    (" 1(854) INFO: ...")."""
+    scale, digits = (1000, 2) if what == "ms of CPU" else (1, 1)
     ranked = sorted(spent.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-    shown = ", ".join(f"{pid} {1000 * cpu / steps:.2f}" for pid, cpu in ranked if cpu > 0)
-    return f"busiest Kamailio processes, ms of CPU per step: {shown or 'none measurable'}"
+    shown = ", ".join(f"{pid} {scale * n / steps:.{digits}f}" for pid, n in ranked if n > 0)
+    return f"busiest Kamailio processes, {what} per step: {shown or 'none measurable'}"
 
 
-def process_cpu(pids: list[int]) -> tuple[float, float]:
-    """User and system CPU seconds the processes have used so far (/proc/PID/stat)."""
+def process_stat(pid: int) -> tuple[float, float, int] | None:
+    """User and system CPU seconds a process has used so far, and its page faults (minor and
+    major: in User-mode Linux each costs about three system calls, tools/syscall_cost.py),
+    from /proc/PID/stat; None for a process that is gone (its share is lost, not guessed)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
     tick = os.sysconf("SC_CLK_TCK")
-    user = system = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # gone: its share is lost, not guessed
-        user += int(fields[11])
-        system += int(fields[12])
-    return user / tick, system / tick
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7]) + int(fields[9])
 
 
 def ipsec_phases(engine: Engine, link: Link, phones: list[Phone], pcscf: Kamailio,
