@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -472,3 +474,42 @@ def test_warm_up_and_relay_rounds_are_checked_and_default_to_the_cold_comparison
     for bad in (["--relay-rounds", "0"], ["--warm-up", "-1"], ["-n", "60000", "--warm-up", "1"]):
         with pytest.raises(SystemExit):
             parse(bad)
+
+
+# ---- the floor experiment's patches (tools/load/floor/, README "The floor") ----
+
+FLOOR_CHECK = """
+import os, sys
+from ipsec.store import schema
+from ipsec import tunnel
+db = schema.connect(sys.argv[1], 1.0)
+assert db.execute("PRAGMA database_list").fetchone()[2] == "", "the store is not in memory"
+assert not os.path.exists(sys.argv[1]), "the store made a file"
+class NoKernel:
+    def batch(self, messages):
+        raise AssertionError("the install reached the kernel")
+t = tunnel.Tunnel("10.90.0.1", "10.90.1.1", 5100, 5300, 10002, 10001, 4096, 4097,
+                  0x10000000, 0x10000001, "hmac-sha-1-96", "aes-cbc", bytes(16), bytes(16))
+tunnel.install(NoKernel(), t)
+print("floor")
+"""
+
+
+def test_the_floor_patches_apply_to_this_code_and_take_the_store_and_kernel_off(tmp_path):
+    """The patches the README's floor figures were measured with still apply to the code as
+    it is, and do what they say: each process's store in memory (no file), the tunnel's
+    netlink messages built but never sent. Without them the same check fails."""
+    root = Path(__file__).resolve().parents[2]
+    shutil.copytree(root / "ipsec", tmp_path / "ipsec",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    run = [sys.executable, "-c", FLOOR_CHECK]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    unpatched = subprocess.run([*run, str(tmp_path / "a.db")], cwd=tmp_path, env=env,
+                               capture_output=True, text=True)
+    assert unpatched.returncode != 0 and "not in memory" in unpatched.stderr
+    for patch in ("store.patch", "kernel.patch"):
+        subprocess.run(["git", "apply", str(root / "tools" / "load" / "floor" / patch)],
+                       cwd=tmp_path, check=True)
+    patched = subprocess.run([*run, str(tmp_path / "b.db")], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+    assert patched.stdout.strip() == "floor", patched.stderr
