@@ -1,8 +1,8 @@
 """What one system call costs here in a tight loop, against a Python call that makes none.
 
-A loop's price, not a step's: in `make load` the calls SQLite makes within a transaction cost
-~10-15 us each in User-mode Linux, a third of this tool's figure there (README, "Where a 401
-step's CPU goes"), so `make load --strace`'s counts must not be multiplied by it.
+A loop's price. In `make load` the store's ~58 calls per 401 step were measured by taking
+them away (tools/load/floor/store.patch): 2-3 ms, ~35-50 us each in User-mode Linux, near
+this tool's figure there (README, "The floor").
 
     .venv/bin/python -m tools.syscall_cost                   # this kernel
     tools/with-esp .venv/bin/python -m tools.syscall_cost    # inside User-mode Linux

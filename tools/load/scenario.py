@@ -95,7 +95,8 @@ def busiest(spent: dict[int, float], steps: int, top: int = 5,
 
 def process_stat(pid: int) -> tuple[float, float, int] | None:
     """User and system CPU seconds a process has used so far, and its page faults (minor and
-    major: in User-mode Linux each costs about three system calls, tools/syscall_cost.py),
+    major: a copy-on-write fault costs about three system calls in tools/syscall_cost.py's
+    loop inside User-mode Linux),
     from /proc/PID/stat; None for a process that is gone (its share is lost, not guessed)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()

@@ -47,8 +47,7 @@ class Spy:
 class Strace:
     """`strace -c` on every process of one Kamailio tree, phase by phase: system calls by
     name and count (a clock read is one inside User-mode Linux: no vDSO there). A count, not
-    a price: the calls SQLite makes within a transaction cost a third of what the same calls
-    cost in a tight loop (README, "Where a 401 step's CPU goes")."""
+    a price: what calls cost is measured by taking them away (README, "The floor")."""
 
     def __init__(self, out: Path, log: bool = False) -> None:
         self.out = out
